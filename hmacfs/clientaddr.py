@@ -1,0 +1,56 @@
+"""The client's address: the peer, or what a trusted reverse proxy says it forwarded for.
+
+Strategy: `X-Forwarded-For` / `Forwarded` are believed only when the peer is in
+`trustedproxies`, and then walked from the right, skipping further trusted hops, so a
+client cannot spoof its address by sending the header itself (RFC 7239 section 8).
+"""
+from __future__ import annotations
+
+import ipaddress
+from typing import Mapping, Sequence, Union
+
+Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+
+
+def parse_networks(cidrs: Sequence[str]) -> tuple[Network, ...]:
+    return tuple(ipaddress.ip_network(c, strict=False) for c in cidrs)
+
+
+def _trusted(addr: str, networks: Sequence[Network]) -> bool:
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        return False
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in net for net in networks)
+
+
+def _forwarded_for(headers: Mapping[str, str]) -> list[str]:
+    if "forwarded" in headers:
+        hops = []
+        for element in headers["forwarded"].split(","):
+            for pair in element.split(";"):
+                name, _, value = pair.strip().partition("=")
+                if name.lower() == "for":
+                    value = value.strip('"')
+                    if value.startswith("["):
+                        value = value[1:value.find("]")]
+                    elif value.count(":") == 1:
+                        value = value.split(":")[0]
+                    hops.append(value)
+        return hops
+    return [h.strip() for h in headers.get("x-forwarded-for", "").split(",") if h.strip()]
+
+
+def client_address(peer: str, headers: Mapping[str, str], trusted: Sequence[Network]) -> str:
+    """The address to log, rate-limit and ban: the right-most untrusted hop."""
+    if not trusted or not _trusted(peer, trusted):
+        return peer
+    for hop in reversed(_forwarded_for(headers)):
+        if not _trusted(hop, trusted):
+            try:
+                return str(ipaddress.ip_address(hop))
+            except ValueError:
+                return peer
+    return peer

@@ -1,0 +1,35 @@
+"""One error catalog: an exception that carries its HTTP status.
+
+Policy and storage code raise `HTTPError`; exactly one place (the response writer) turns it
+into a response, adding CORS and security headers and counting it. Anything else that
+escapes a handler is a bug: it is logged with a traceback and becomes a 500.
+"""
+from __future__ import annotations
+
+from http import HTTPStatus
+from typing import Mapping, Optional
+
+
+class HTTPError(Exception):
+    """A request failed with `status`; `message` is safe to show the client (no secrets)."""
+
+    def __init__(self, status: int, message: str = "",
+                 headers: Optional[Mapping[str, str]] = None) -> None:
+        self.status = int(status)
+        self.message = message or reason(status)
+        self.headers = dict(headers or {})
+        super().__init__(f"{self.status} {self.message}")
+
+
+def reason(status: int) -> str:
+    """The standard reason phrase (with tus's 460 and a fallback for unknown codes)."""
+    if status == 460:
+        return "Checksum Mismatch"
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Unknown"
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message names the key and the value."""

@@ -1,0 +1,1 @@
+"""Request handlers: each takes (app, exchange, signed_path), raises HTTPError on refusal."""

@@ -1,0 +1,29 @@
+"""Facts every file handler derives from a request the same way."""
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Optional
+
+from ..auth import RequestFacts
+from ..errors import HTTPError
+from ..exchange import Exchange
+
+if TYPE_CHECKING:
+    from ..app import App
+
+
+def request_facts(app: App, ex: Exchange, signed_path: str, content_length: Optional[int]) -> RequestFacts:
+    req = ex.req
+    return RequestFacts(method=req.method, signed_path=signed_path, full_path=app.prefix + signed_path,
+                        query=req.query, authorization=req.headers.get("authorization", ""),
+                        content_type=req.headers.get("content-type"), content_length=content_length)
+
+
+def count_auth_failure(app: App, err: HTTPError) -> None:
+    """Every refused signature is counted (and later feeds rate limits and bans)."""
+    if err.status in (400, 401, 403, 410):
+        app.metrics.auth_failures.inc(1, str(err.status))
+
+
+def now() -> float:
+    return time.time()

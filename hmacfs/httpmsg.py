@@ -1,0 +1,144 @@
+"""HTTP message rules for downloads: Range, conditionals, dates, types, disposition. Pure.
+
+Strategy: every rule is a function of header strings and file facts (size, ETag, mtime),
+so each RFC 9110 corner (section numbers cited inline) is unit-tested without a socket.
+"""
+from __future__ import annotations
+
+import mimetypes
+import re
+import time
+from email.utils import formatdate, parsedate_to_datetime
+from typing import Optional
+from urllib.parse import quote
+
+from .errors import HTTPError
+
+# Served inline (the browser may show them); everything else is an attachment. SVG, HTML,
+# XML and scripts are never inline: with `nosniff` and the sandbox CSP they cannot run.
+INLINE_TYPES = ("image/", "audio/", "video/")
+INLINE_EXACT = frozenset({"text/plain"})
+NEVER_INLINE = frozenset({"image/svg+xml"})
+
+SECURITY_HEADERS = (
+    ("X-Content-Type-Options", "nosniff"),
+    ("Content-Security-Policy", "default-src 'none'; frame-ancestors 'none'; sandbox"),
+    ("Referrer-Policy", "no-referrer"),
+)
+
+_TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"  # noqa: S105 - RFC 9110 token, not a password
+_MEDIA_TYPE = re.compile(rf"^{_TOKEN}/{_TOKEN}(\s*;\s*{_TOKEN}=({_TOKEN}|\"[^\"\\\r\n]*\"))*$")
+
+_mimetypes = mimetypes.MimeTypes(filenames=())  # a fixed table: no host /etc/mime.types surprises
+
+
+def http_date(ts: Optional[float] = None) -> str:
+    """IMF-fixdate (RFC 9110 5.6.7)."""
+    return formatdate(ts if ts is not None else time.time(), usegmt=True)
+
+
+def parse_http_date(text: str) -> Optional[float]:
+    """Seconds since the epoch, or None when the date is invalid (then the header is ignored)."""
+    try:
+        return parsedate_to_datetime(text).timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+
+
+def clean_content_type(value: Optional[str]) -> Optional[str]:
+    """A syntactically valid media type, lowercased type/subtype, else None."""
+    if not value:
+        return None
+    value = value.strip()
+    if len(value) > 200 or not _MEDIA_TYPE.match(value):
+        return None
+    main, sep, params = value.partition(";")
+    return main.strip().lower() + (sep + params if sep else "")
+
+
+def guess_type(path: str) -> str:
+    """Content type by extension, application/octet-stream when unknown."""
+    guessed, _ = _mimetypes.guess_type(path, strict=False)
+    return guessed or "application/octet-stream"
+
+
+def content_disposition(filename: str, content_type: str) -> str:
+    """`inline` only for types a browser shows without running code; RFC 6266 `filename*`."""
+    base = content_type.split(";", 1)[0].strip().lower()
+    inline = base not in NEVER_INLINE and (base.startswith(INLINE_TYPES) or base in INLINE_EXACT)
+    fallback = "".join(c if 0x20 <= ord(c) < 0x7F and c not in '"\\%' else "_" for c in filename)
+    return (f"{'inline' if inline else 'attachment'}; filename=\"{fallback}\"; "
+            f"filename*=UTF-8''{quote(filename, safe='')}")
+
+
+def strong_etag(sha256_hex: str) -> str:
+    """A strong ETag from the content hash (128 bits are plenty to identify content)."""
+    return f'"{sha256_hex[:32]}"'
+
+
+def parse_range(header: Optional[str], size: int) -> Optional[tuple[int, int]]:
+    """A single byte range -> (first, last) inclusive; None to serve the whole file.
+
+    RFC 9110 14.2: an unparseable Range or one with several ranges may be ignored (we
+    serve 200); a syntactically valid single range that cannot be satisfied is a 416.
+    """
+    if not header:
+        return None
+    unit, _, spec = header.strip().partition("=")
+    if unit.strip().lower() != "bytes" or "," in spec:
+        return None
+    first_s, dash, last_s = spec.strip().partition("-")
+    first_s, last_s = first_s.strip(), last_s.strip()
+    if not dash or (first_s and not first_s.isdigit()) or (last_s and not last_s.isdigit()):
+        return None
+    unsatisfiable = HTTPError(416, "range not satisfiable", {"Content-Range": f"bytes */{size}"})
+    if not first_s:  # suffix range: the last n bytes
+        if not last_s:
+            return None
+        n = int(last_s)
+        if n == 0 or size == 0:
+            raise unsatisfiable
+        return max(0, size - n), size - 1
+    first = int(first_s)
+    last = int(last_s) if last_s else size - 1
+    if last_s and last < first:
+        return None  # invalid range: ignore (RFC 9110 14.1.1)
+    if first >= size:
+        raise unsatisfiable
+    return first, min(last, size - 1)
+
+
+def _etag_list_matches(header: str, etag: str, weak: bool) -> bool:
+    header = header.strip()
+    if header == "*":
+        return True
+    bare = etag[2:] if etag.startswith("W/") else etag
+    for item in header.split(","):
+        item = item.strip()
+        if weak and item.startswith("W/"):
+            item = item[2:]
+        if item == (bare if weak else etag):
+            return True
+    return False
+
+
+def not_modified(if_none_match: Optional[str], if_modified_since: Optional[str],
+                 etag: str, mtime: float) -> bool:
+    """RFC 9110 13.1.2/13.1.3: 304 for GET/HEAD? If-None-Match (weak compare) wins over IMS."""
+    if if_none_match is not None:
+        return _etag_list_matches(if_none_match, etag, weak=True)
+    if if_modified_since is not None:
+        since = parse_http_date(if_modified_since)
+        return since is not None and int(mtime) <= since
+    return False
+
+
+def range_applies(if_range: Optional[str], etag: str, mtime: float) -> bool:
+    """RFC 9110 13.1.5: honour Range only if If-Range (strong ETag or exact date) still holds."""
+    if if_range is None:
+        return True
+    if_range = if_range.strip()
+    if if_range.startswith(('"', "W/")):
+        return if_range == etag  # strong comparison; a weak tag never matches
+    since = parse_http_date(if_range)
+    return since is not None and int(mtime) == since

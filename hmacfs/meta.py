@@ -1,0 +1,122 @@
+"""Per-file metadata in SQLite (WAL): size, type, sha256, created, expires, uploader.
+
+Strategy: the file on disk is the truth about *whether* a file exists; the metadata row
+says what it is. A row may be missing (a crash between the commit and the insert, or an
+adopted prosody-filer store): readers then rebuild it from the file (see handlers). One
+connection per thread (sqlite3 objects are not shared across threads); a small cache
+keeps hot rows off the database for downloads.
+"""
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Optional, Protocol
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS files (
+    path TEXT PRIMARY KEY,
+    size INTEGER NOT NULL,
+    content_type TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    created REAL NOT NULL,
+    mtime_ns INTEGER NOT NULL DEFAULT 0,
+    expires REAL,
+    uploader TEXT
+);
+CREATE INDEX IF NOT EXISTS files_expires ON files (expires) WHERE expires IS NOT NULL;
+"""
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """What hmacfs knows about one stored file."""
+
+    path: str
+    size: int
+    content_type: str
+    sha256: str
+    created: float
+    mtime_ns: int = 0          # the file's mtime when the row was written: detects outside edits
+    expires: Optional[float] = None
+    uploader: Optional[str] = None
+
+
+class MetaStore(Protocol):
+    """What handlers need from a metadata backend (SQLite here; Redis in cluster mode)."""
+
+    def get(self, path: str) -> Optional[FileRecord]: ...
+    def put(self, record: FileRecord) -> None: ...
+    def delete(self, path: str) -> None: ...
+    def expired(self, now: float, limit: int = 1000) -> list[FileRecord]: ...
+
+
+class SqliteMeta:
+    """MetaStore on one SQLite file in WAL mode."""
+
+    CACHE_SIZE = 4096
+
+    def __init__(self, db_path: str) -> None:
+        self.db_path = db_path
+        os.makedirs(os.path.dirname(db_path), exist_ok=True)
+        self._local = threading.local()
+        self._cache: OrderedDict[str, FileRecord] = OrderedDict()
+        self._cache_lock = threading.Lock()
+        conn = self._conn()
+        conn.executescript(SCHEMA)
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.db_path, timeout=30, isolation_level=None,
+                                   check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            self._local.conn = conn
+        return conn
+
+    def get(self, path: str) -> Optional[FileRecord]:
+        with self._cache_lock:
+            record = self._cache.get(path)
+            if record is not None:
+                self._cache.move_to_end(path)
+                return record
+        row = self._conn().execute(
+            "SELECT path, size, content_type, sha256, created, mtime_ns, expires, uploader "
+            "FROM files WHERE path = ?", (path,)).fetchone()
+        if row is None:
+            return None
+        record = FileRecord(*row)
+        self._remember(record)
+        return record
+
+    def _remember(self, record: FileRecord) -> None:
+        with self._cache_lock:
+            self._cache[record.path] = record
+            self._cache.move_to_end(record.path)
+            while len(self._cache) > self.CACHE_SIZE:
+                self._cache.popitem(last=False)
+
+    def put(self, record: FileRecord) -> None:
+        self._conn().execute(
+            "INSERT OR REPLACE INTO files (path, size, content_type, sha256, created, mtime_ns, "
+            "expires, uploader) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (record.path, record.size, record.content_type, record.sha256, record.created,
+             record.mtime_ns, record.expires, record.uploader))
+        self._remember(record)
+
+    def delete(self, path: str) -> None:
+        with self._cache_lock:
+            self._cache.pop(path, None)
+        self._conn().execute("DELETE FROM files WHERE path = ?", (path,))
+
+    def expired(self, now: float, limit: int = 1000) -> list[FileRecord]:
+        rows = self._conn().execute(
+            "SELECT path, size, content_type, sha256, created, mtime_ns, expires, uploader "
+            "FROM files WHERE expires IS NOT NULL AND expires <= ? LIMIT ?", (now, limit)).fetchall()
+        return [FileRecord(*row) for row in rows]
+
+    def count(self) -> int:
+        return self._conn().execute("SELECT COUNT(*) FROM files").fetchone()[0]

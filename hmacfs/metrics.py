@@ -1,0 +1,220 @@
+"""Metrics registry and the Prometheus text exposition format 0.0.4, standard library only.
+
+Strategy: counters, gauges and histograms keyed by label values, each guarded by one
+lock (increments are short); `render()` is a pure function of the registry's state.
+Names follow Prometheus conventions (`_total` for counters, `_seconds`/`_bytes` units)
+so `promtool check metrics` is clean.
+"""
+from __future__ import annotations
+
+import os
+import resource
+import threading
+import time
+from typing import Callable, Iterable, Optional, Sequence
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+DEFAULT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+
+
+def _escape_label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _labels(names: Sequence[str], values: Sequence[str], extra: str = "") -> str:
+    parts = [f'{n}="{_escape_label(v)}"' for n, v in zip(names, values)]
+    if extra:
+        parts.append(extra)
+    return "{" + ",".join(parts) + "}" if parts else ""
+
+
+def _num(v: float) -> str:
+    if v == float("inf"):
+        return "+Inf"
+    return repr(float(v)) if not float(v).is_integer() else str(int(v))
+
+
+class _Metric:
+    kind = "untyped"
+
+    def __init__(self, name: str, help: str, labelnames: Sequence[str] = ()) -> None:
+        self.name, self.help, self.labelnames = name, help, tuple(labelnames)
+        self._lock = threading.Lock()
+
+    def header(self) -> list[str]:
+        return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}"]
+
+
+class Counter(_Metric):
+    kind = "counter"
+
+    def __init__(self, name: str, help: str, labelnames: Sequence[str] = ()) -> None:
+        super().__init__(name, help, labelnames)
+        self._values: dict[tuple[str, ...], float] = {} if labelnames else {(): 0.0}
+
+    def inc(self, amount: float = 1.0, *labels: str) -> None:
+        with self._lock:
+            self._values[labels] = self._values.get(labels, 0.0) + amount
+
+    def value(self, *labels: str) -> float:
+        with self._lock:
+            return self._values.get(labels, 0.0)
+
+    def lines(self) -> list[str]:
+        with self._lock:
+            items = sorted(self._values.items())
+        return [f"{self.name}{_labels(self.labelnames, k)} {_num(v)}" for k, v in items]
+
+
+class Gauge(_Metric):
+    kind = "gauge"
+
+    def __init__(self, name: str, help: str, labelnames: Sequence[str] = (),
+                 fn: Optional[Callable[[], float]] = None) -> None:
+        super().__init__(name, help, labelnames)
+        self._values: dict[tuple[str, ...], float] = {} if labelnames else {(): 0.0}
+        self._fn = fn
+
+    def set(self, value: float, *labels: str) -> None:
+        with self._lock:
+            self._values[labels] = value
+
+    def inc(self, amount: float = 1.0, *labels: str) -> None:
+        with self._lock:
+            self._values[labels] = self._values.get(labels, 0.0) + amount
+
+    def dec(self, amount: float = 1.0, *labels: str) -> None:
+        self.inc(-amount, *labels)
+
+    def lines(self) -> list[str]:
+        if self._fn is not None:
+            return [f"{self.name} {_num(self._fn())}"]
+        with self._lock:
+            items = sorted(self._values.items())
+        return [f"{self.name}{_labels(self.labelnames, k)} {_num(v)}" for k, v in items]
+
+
+class Histogram(_Metric):
+    kind = "histogram"
+
+    def __init__(self, name: str, help: str, labelnames: Sequence[str] = (),
+                 buckets: Sequence[float] = DEFAULT_BUCKETS) -> None:
+        super().__init__(name, help, labelnames)
+        self.buckets = (*sorted(buckets), float("inf"))
+        self._data: dict[tuple[str, ...], list[float]] = {}
+
+    def observe(self, value: float, *labels: str) -> None:
+        with self._lock:
+            data = self._data.get(labels)
+            if data is None:
+                data = self._data[labels] = [0.0] * (len(self.buckets) + 2)
+            for i, bound in enumerate(self.buckets):
+                if value <= bound:
+                    data[i] += 1
+                    break
+            data[-2] += value
+            data[-1] += 1
+
+    def count(self, *labels: str) -> int:
+        with self._lock:
+            data = self._data.get(labels)
+            return int(data[-1]) if data else 0
+
+    def lines(self) -> list[str]:
+        with self._lock:
+            items = sorted((k, list(v)) for k, v in self._data.items())
+        out = []
+        for labels, data in items:
+            cumulative = 0.0
+            for i, bound in enumerate(self.buckets):
+                cumulative += data[i]
+                le = f'le="{_num(bound)}"'
+                out.append(f"{self.name}_bucket{_labels(self.labelnames, labels, le)} {_num(cumulative)}")
+            out.append(f"{self.name}_sum{_labels(self.labelnames, labels)} {_num(data[-2])}")
+            out.append(f"{self.name}_count{_labels(self.labelnames, labels)} {_num(data[-1])}")
+        return out
+
+
+class Registry:
+    """A named set of metrics rendered together."""
+
+    def __init__(self) -> None:
+        self._metrics: list[_Metric] = []
+
+    def add(self, metric: _Metric) -> _Metric:
+        self._metrics.append(metric)
+        return metric
+
+    def render(self) -> str:
+        return render(self._metrics)
+
+
+def render(metrics: Iterable[_Metric]) -> str:
+    """Text format 0.0.4: HELP and TYPE, then samples; a final newline."""
+    out: list[str] = []
+    for metric in metrics:
+        out.extend(metric.header())
+        out.extend(metric.lines())
+    return "\n".join(out) + "\n"
+
+
+def _rss_bytes() -> float:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+class ServerMetrics:
+    """The metrics hmacfs exports; one instance per process."""
+
+    def __init__(self) -> None:
+        r = self.registry = Registry()
+        started = time.time()
+        self.requests = r.add(Counter("hmacfs_http_requests_total", "HTTP requests by method and status.",
+                                      ("method", "code")))
+        self.request_seconds = r.add(Histogram("hmacfs_http_request_duration_seconds",
+                                               "Time to handle an HTTP request.", ("method",)))
+        self.uploads = r.add(Counter("hmacfs_uploads_total", "Files stored.", ("protocol",)))
+        self.upload_errors = r.add(Counter("hmacfs_upload_errors_total", "Uploads refused or failed.",
+                                           ("code",)))
+        self.upload_bytes = r.add(Counter("hmacfs_upload_bytes_total", "Bytes of stored uploads."))
+        self.upload_seconds = r.add(Histogram("hmacfs_upload_duration_seconds", "Time to receive and store an upload."))
+        self.downloads = r.add(Counter("hmacfs_downloads_total", "Downloads served (200 and 206).", ("code",)))
+        self.download_bytes = r.add(Counter("hmacfs_download_bytes_total", "Bytes sent in download bodies."))
+        self.download_seconds = r.add(Histogram("hmacfs_download_duration_seconds", "Time to send a download."))
+        self.deletes = r.add(Counter("hmacfs_deletes_total", "Files deleted by signed DELETE."))
+        self.auth_failures = r.add(Counter("hmacfs_auth_failures_total", "Requests refused by signature checks.",
+                                           ("code",)))
+        self.connections = r.add(Gauge("hmacfs_open_connections", "Client connections open now."))
+        self.connections_refused = r.add(Counter("hmacfs_connections_refused_total",
+                                                 "Connections refused at maxconnections."))
+        self.uploads_active = r.add(Gauge("hmacfs_uploads_in_progress", "Uploads holding a worker now."))
+        self.upload_queue = r.add(Gauge("hmacfs_upload_queue_length", "Uploads waiting for a worker."))
+        r.add(Gauge("process_resident_memory_bytes", "Resident memory size in bytes.", fn=_rss_bytes))
+        r.add(FunctionCounter("process_cpu_seconds_total", "User and system CPU time spent in seconds.", _cpu_seconds))
+        r.add(Gauge("process_start_time_seconds", "Start time of the process since the epoch in seconds.",
+                    fn=lambda: started))
+        r.add(Gauge("hmacfs_threads", "Python threads alive.", fn=lambda: threading.active_count()))
+
+    def render(self) -> str:
+        return self.registry.render()
+
+
+class FunctionCounter(_Metric):
+    """A counter whose value is read from a function at scrape time (process CPU)."""
+
+    kind = "counter"
+
+    def __init__(self, name: str, help: str, fn: Callable[[], float]) -> None:
+        super().__init__(name, help)
+        self._fn = fn
+
+    def lines(self) -> list[str]:
+        return [f"{self.name} {_num(self._fn())}"]

@@ -1,0 +1,58 @@
+"""A hand-written router: exact service paths first, then file routes under the URL prefix.
+
+Service endpoints always exist under `/.hmacfs/` (a name no upload can take: dot segments
+are refused), and also at `/health`, `/ready` and the metrics path when those lie outside
+the prefix, so they can never shadow an uploaded file.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, Optional
+
+from .errors import HTTPError
+from .exchange import Exchange
+from .paths import signed_path
+
+if TYPE_CHECKING:
+    from .app import App
+
+ServiceHandler = Callable[["App", Exchange], None]
+FileHandler = Callable[["App", Exchange, str], None]
+
+
+class Router:
+    """Maps (method, path) to a handler; raises 404/405 as HTTPError."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.services: dict[bytes, tuple[frozenset[str], ServiceHandler]] = {}
+        self.file_routes: dict[str, FileHandler] = {}
+
+    def add_service(self, path: str, handler: ServiceHandler, methods: tuple[str, ...] = ("GET", "HEAD"),
+                    also_unreserved: bool = True) -> None:
+        """Serve `handler` at `/.hmacfs<path>`, and at `path` itself when outside the prefix."""
+        paths = ["/.hmacfs" + path]
+        if also_unreserved and not path.startswith(self.prefix) and path + "/" != self.prefix:
+            paths.append(path)
+        for p in paths:
+            self.services[p.encode()] = (frozenset(methods), handler)
+
+    def add_file_route(self, method: str, handler: FileHandler) -> None:
+        self.file_routes[method] = handler
+
+    def allowed_file_methods(self) -> str:
+        return ", ".join(sorted(self.file_routes))
+
+    def dispatch(self, app: App, ex: Exchange) -> None:
+        req = ex.req
+        service = self.services.get(req.raw_path)
+        if service is not None:
+            methods, handler = service
+            if req.method not in methods:
+                raise HTTPError(405, "method not allowed", {"Allow": ", ".join(sorted(methods))})
+            handler(app, ex)
+            return
+        path = signed_path(req.raw_path, self.prefix)  # 404 outside the prefix, 400 unsafe
+        file_handler: Optional[FileHandler] = self.file_routes.get(req.method)
+        if file_handler is None:
+            raise HTTPError(405, "method not allowed", {"Allow": self.allowed_file_methods()})
+        file_handler(app, ex, path)

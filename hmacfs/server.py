@@ -1,0 +1,289 @@
+"""The server process: listeners, connection limits, deadlines, signals and graceful drain.
+
+Strategy: `ThreadingHTTPServer` gives each connection a thread. On top of it:
+- a connection table caps open connections (`maxconnections`, then a canned 503) and
+  holds each connection's deadline; a watchdog thread shuts down sockets past it, which
+  bounds slow-header and slow-body clients that per-recv timeouts alone cannot;
+- SIGTERM stops accepting, closes idle keep-alive connections, lets in-flight transfers
+  finish for up to `timeouts.shutdown`, then exits 0; SIGHUP reloads secrets and log level.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import socketserver
+import threading
+import time
+from http.server import ThreadingHTTPServer
+from typing import Optional
+
+from . import config as config_mod
+from .app import App
+from .clientaddr import parse_networks
+from .config import Config, ListenAddress
+from .connection import ConnectionHandler
+from .handlers.manage import handle_health, handle_metrics
+from .logs import set_level
+from .router import Router
+
+log = logging.getLogger("hmacfs")
+BUSY_RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 5\r\nContent-Type: text/plain\r\n"
+                 b"Access-Control-Allow-Origin: *\r\nContent-Length: 25\r\nConnection: close\r\n\r\n"
+                 b"503 too many connections\n")
+
+
+class ConnState:
+    """One open connection: its socket, whether a request is in progress, and its deadline."""
+
+    __slots__ = ("deadline", "in_request", "sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.in_request = False
+        self.deadline = 0.0
+
+    def idle(self, seconds: float) -> None:
+        self.in_request = False
+        self.deadline = time.monotonic() + seconds
+
+    def busy(self, seconds: float) -> None:
+        self.in_request = True
+        self.deadline = time.monotonic() + seconds
+
+    def kill(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+class ConnectionTable:
+    """Open connections, their limit and their deadlines."""
+
+    def __init__(self, limit: int, metrics) -> None:
+        self.limit = limit
+        self.metrics = metrics
+        self._conns: set[ConnState] = set()
+        self._lock = threading.Lock()
+
+    def has_room(self) -> bool:
+        return len(self._conns) < self.limit
+
+    def register(self, sock: socket.socket) -> ConnState:
+        state = ConnState(sock)
+        with self._lock:
+            self._conns.add(state)
+            self.metrics.connections.set(len(self._conns))
+        return state
+
+    def unregister(self, state: ConnState) -> None:
+        with self._lock:
+            self._conns.discard(state)
+            self.metrics.connections.set(len(self._conns))
+
+    def snapshot(self) -> list[ConnState]:
+        with self._lock:
+            return list(self._conns)
+
+    def busy_count(self) -> int:
+        return sum(1 for c in self.snapshot() if c.in_request)
+
+    def reap(self, now: float) -> int:
+        """Shut down connections past their deadline; returns how many."""
+        overdue = [c for c in self.snapshot() if c.deadline and now > c.deadline]
+        for c in overdue:
+            c.kill()
+        return len(overdue)
+
+    def close_idle(self) -> None:
+        for c in self.snapshot():
+            if not c.in_request:
+                c.kill()
+
+    def close_all(self) -> None:
+        for c in self.snapshot():
+            c.kill()
+
+
+class HmacfsServer(ThreadingHTTPServer):
+    """A ThreadingHTTPServer on TCP (IPv4/IPv6, dual-stack for "all") or a Unix socket."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 1024  # socketserver's 5 makes connection bursts wait in the kernel
+
+    def __init__(self, listen: ListenAddress, app: App, router: Router, conns: ConnectionTable) -> None:
+        self.app = app
+        self.router = router
+        self.conns = conns
+        self.listen = listen
+        cfg = app.config
+        self.timeouts = cfg.timeouts
+        self.max_header_bytes = cfg.server.maxheaderbytes
+        self.trusted_proxies = parse_networks(cfg.server.trustedproxies)
+        self.draining = False
+        self._dual_stack = False
+        if listen.unix_path:
+            self.address_family = socket.AF_UNIX
+            address: object = listen.unix_path
+            _remove_stale_socket(listen.unix_path)
+        elif ":" in listen.host:
+            self.address_family = socket.AF_INET6
+            address = (listen.host, listen.port)
+        elif not listen.host and socket.has_ipv6:
+            self.address_family = socket.AF_INET6
+            self._dual_stack = True
+            address = ("::", listen.port)
+        else:
+            self.address_family = socket.AF_INET
+            address = (listen.host or "0.0.0.0", listen.port)
+        super().__init__(address, ConnectionHandler, bind_and_activate=False)  # type: ignore[arg-type]
+        try:
+            self.server_bind()
+            self.server_activate()
+        except BaseException:
+            self.server_close()
+            raise
+
+    def server_bind(self) -> None:
+        if self._dual_stack:
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        # socketserver's bind, not HTTPServer's: that one does a reverse DNS lookup at start.
+        socketserver.TCPServer.server_bind(self)
+        if self.address_family == socket.AF_UNIX:
+            os.chmod(self.server_address, 0o666)
+            self.server_name, self.server_port = "unix", 0
+        else:
+            self.server_name, self.server_port = self.server_address[:2]
+
+    def process_request(self, request, client_address) -> None:  # type: ignore[override]
+        if not self.conns.has_room():
+            self.app.metrics.connections_refused.inc()
+            try:
+                request.settimeout(1.0)
+                request.sendall(BUSY_RESPONSE)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def handle_error(self, request, client_address) -> None:  # type: ignore[override]
+        log.debug("connection error from %s", client_address, exc_info=True)
+
+    @property
+    def bound_address(self) -> str:
+        if self.address_family == socket.AF_UNIX:
+            return f"unix:{self.server_address}"
+        host, port = self.server_address[:2]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _remove_stale_socket(path: str) -> None:
+    """A socket file left by a killed process blocks bind(); remove it if nobody listens."""
+    if not os.path.exists(path):
+        return
+    probe = socket.socket(socket.AF_UNIX)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)
+    else:
+        raise OSError(f"{path}: another server is listening on this socket")
+    finally:
+        probe.close()
+
+
+def metrics_router(app: App) -> Router:
+    router = Router(prefix="/\0never/")
+    router.add_service(app.config.server.metricspath, handle_metrics)
+    router.add_service("/health", handle_health)
+    return router
+
+
+class Service:
+    """The running process: main listener, optional metrics listener, watchdog, signals."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.app = App(config)
+        self.conns = ConnectionTable(config.server.maxconnections, self.app.metrics)
+        self.server = HmacfsServer(config.listen, self.app, self.app.router, self.conns)
+        self.metrics_server: Optional[HmacfsServer] = None
+        ml = config.metrics_listen
+        if ml is not None and not self.app.metrics_on_main_port:
+            self.metrics_server = HmacfsServer(ml, self.app, metrics_router(self.app), self.conns)
+        self._stop = threading.Event()
+        self._reload = threading.Event()
+
+    def _watchdog(self) -> None:
+        while not self._stop.wait(1.0):
+            reaped = self.conns.reap(time.monotonic())
+            if reaped:
+                log.info("closed %d connection(s) past their read/write/idle deadline", reaped)
+
+    def request_stop(self, *_: object) -> None:
+        self._stop.set()
+
+    def request_reload(self, *_: object) -> None:
+        self._reload.set()
+
+    def run(self) -> int:
+        """Serve until SIGTERM/SIGINT, then drain; returns the exit code."""
+        servers = [s for s in (self.server, self.metrics_server) if s is not None]
+        threads = [threading.Thread(target=s.serve_forever, kwargs={"poll_interval": 0.25},
+                                    name=f"accept-{i}", daemon=True) for i, s in enumerate(servers)]
+        threads.append(threading.Thread(target=self._watchdog, name="watchdog", daemon=True))
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self.request_stop)
+            signal.signal(signal.SIGINT, self.request_stop)
+            signal.signal(signal.SIGHUP, self.request_reload)
+        for t in threads:
+            t.start()
+        log.info("hmacfs serving %s%s (storage %s, %d upload workers)%s", self.server.bound_address,
+                 self.app.prefix, self.app.store.root, self.app.workers,
+                 f"; metrics on {self.metrics_server.bound_address}" if self.metrics_server else "")
+        while not self._stop.wait(0.2):
+            if self._reload.is_set():
+                self._reload.clear()
+                self.reload()
+        return self.drain(servers)
+
+    def reload(self) -> None:
+        try:
+            new = config_mod.load(self.config.source)
+        except Exception as e:  # a bad edit must not take the server down
+            log.error("config reload failed, keeping the running config: %s", e)
+            return
+        set_level(new.server.loglevel)
+        self.app.reload(new)
+
+    def drain(self, servers: list[HmacfsServer]) -> int:
+        grace = self.config.timeouts.shutdown
+        busy = self.conns.busy_count()
+        log.info("shutting down: %d request(s) in flight, waiting up to %.0fs", busy, grace)
+        self.app.draining = True
+        for s in servers:
+            s.draining = True
+        self.app.gate.close()
+        for s in servers:
+            s.shutdown()
+            s.server_close()
+        self.conns.close_idle()
+        deadline = time.monotonic() + grace
+        while self.conns.busy_count() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = self.conns.busy_count()
+        if left:
+            log.warning("shutdown grace time over: closing %d unfinished request(s)", left)
+        self.conns.close_all()
+        for s in servers:
+            if s.listen.unix_path:
+                try:
+                    os.unlink(s.listen.unix_path)
+                except FileNotFoundError:
+                    pass
+        log.info("stopped")
+        return 0
