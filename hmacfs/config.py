@@ -242,6 +242,8 @@ def parse_listen(value: str, bindip: str = "") -> ListenAddress:
         host, port_text = text[1:end], text[end + 2:]
     elif ":" in text:
         host, _, port_text = text.rpartition(":")
+        if ":" in host:
+            raise ValueError("an IPv6 address needs brackets: \"[::1]:8080\"")
     if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
         raise ValueError("a port 0-65535, optionally with an address (\"127.0.0.1:8080\")")
     host = host or bindip
@@ -399,13 +401,14 @@ def from_dict(raw: Mapping[str, Any], source: str = "<dict>",
             warnings.append(f"unknown key {where}{raw_key}{_suggest(section, name)}")
             return
         target = (key.section, key.name)
-        if target in origin:
-            raise ConfigError(f"{where}{raw_key} sets [{key.section}] {key.name} again "
-                              f"(already set by {origin[target]})")
         try:
-            values[target] = _convert(key, value)
+            converted = _convert(key, value)
         except ValueError as e:
             raise ConfigError(f"{where}{raw_key} = {value!r}: expected {e}") from None
+        if target in origin and values[target] != converted:
+            raise ConfigError(f"{where}{raw_key} sets [{key.section}] {key.name} to a different value "
+                              f"than {origin[target]} does")
+        values[target] = converted
         origin[target] = f"{where}{raw_key}"
         if key.compat:
             notes.append(f"{where}{raw_key} is accepted for compatibility but has no effect in hmacfs")

@@ -48,6 +48,11 @@ class ConnectionHandler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True
     protocol_version = "HTTP/1.1"
 
+    def setup(self) -> None:
+        # TCP_NODELAY (no 40 ms delayed-ACK stall per response) exists only on TCP sockets.
+        self.disable_nagle_algorithm = self.request.family != socket.AF_UNIX
+        super().setup()
+
     def handle(self) -> None:
         conn = self.server.conns.register(self.connection)
         try:

@@ -31,8 +31,8 @@ def split_target(target: bytes) -> Target:
         after_scheme = target.index(b"//") + 2
         slash = target.find(b"/", after_scheme)
         target = target[slash:] if slash >= 0 else b"/"
+    target, _, _fragment = target.partition(b"#")  # clients should not send one; never part of a name
     path, _, query = target.partition(b"?")
-    path, _, _fragment = path.partition(b"#")
     return Target(path, parse_query(query))
 
 

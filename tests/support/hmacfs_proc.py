@@ -5,13 +5,13 @@ or a browser would, so what they pin is the behaviour users see.
 """
 from __future__ import annotations
 
+import http.client
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any, Optional
 
@@ -26,6 +26,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """http.client over a Unix socket."""
+
+    def __init__(self, path: str, timeout: float = 30) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.path)
 
 
 def merge(base: dict, extra: dict) -> dict:
@@ -68,12 +81,42 @@ class HmacfsProcess:
             "timeouts": {"shutdown": "10s"},
         }
         self.config = merge(base, config or {})
+        self.port = int(str(self.config["server"]["listenport"]).rpartition(":")[2])  # a test may override it
         self.prefix = self.config["server"].get("urlprefix", prefix)
         self.proc: Optional[subprocess.Popen] = None
 
     @property
+    def host(self) -> str:
+        """The address the server listens on (from `listenport`, which a test may override)."""
+        listen = self.config["server"]["listenport"]
+        host = listen.rpartition(":")[0]
+        return host.strip("[]") or "127.0.0.1"
+
+    @property
+    def unix_socket(self) -> Optional[str]:
+        sock = self.config["server"].get("unixsocket")
+        return sock if isinstance(sock, str) and sock else None
+
+    @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def connection(self, timeout: float = 30) -> http.client.HTTPConnection:
+        """An HTTP connection to the server, over TCP or its Unix socket."""
+        if self.unix_socket:
+            return UnixHTTPConnection(self.unix_socket, timeout=timeout)
+        return http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+
+    def healthy(self) -> bool:
+        conn = self.connection(timeout=1)
+        try:
+            conn.request("GET", "/health")
+            return conn.getresponse().status == 200
+        except OSError:
+            return False
+        finally:
+            conn.close()
 
     @property
     def upload_base(self) -> str:
@@ -96,12 +139,9 @@ class HmacfsProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"hmacfs exited {self.proc.returncode}:\n{self.log()}")
-            try:
-                with urllib.request.urlopen(self.base_url + "/health", timeout=1) as r:
-                    if r.status == 200:
-                        return self
-            except OSError:
-                time.sleep(0.05)
+            if self.healthy():
+                return self
+            time.sleep(0.05)
         self.kill()
         raise RuntimeError(f"hmacfs did not become healthy:\n{self.log()}")
 
