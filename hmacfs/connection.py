@@ -142,7 +142,7 @@ class ConnectionHandler(BaseHTTPRequestHandler):
         peer = self.client_address[0] if isinstance(self.client_address, tuple) else "unix"
         client = client_address(peer, headers, server.trusted_proxies)
         req = Request(method, target, version, headers, client, self.rfile)
-        ex = Exchange(req, self.connection, server.app.cors, draining=server.draining)
+        ex = Exchange(req, self.connection, server.app.cors, server.app)
         window = server.timeouts.readtimeout if req.has_body else server.timeouts.writetimeout
         conn.busy(window)
         self.connection.settimeout(window)

@@ -12,7 +12,7 @@ import io
 import os
 import socket
 import time
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Protocol
 
 from .errors import HTTPError, reason
 from .httpmsg import SECURITY_HEADERS, http_date
@@ -101,16 +101,23 @@ class CorsPolicy:
                 ("Access-Control-Max-Age", str(max_age))]
 
 
+class Lifecycle(Protocol):
+    """Anything that says whether the server is shutting down (the App)."""
+
+    draining: bool
+
+
 class Exchange:
     """Writes the response to one request; remembers status and bytes for the access log."""
 
-    def __init__(self, req: Request, sock: socket.socket, cors: CorsPolicy, draining: bool = False) -> None:
+    def __init__(self, req: Request, sock: socket.socket, cors: CorsPolicy, lifecycle: Lifecycle) -> None:
         self.req = req
         self.sock = sock
         self.cors = cors
+        self.lifecycle = lifecycle
         self.status = 0
         self.body_bytes = 0
-        self.close_after = not req.keep_alive or draining
+        self.close_after = not req.keep_alive
         self.sent_continue = False
 
     @property
@@ -127,6 +134,8 @@ class Exchange:
             parts.append(f"{name}: {value}\r\n")
         if status != 304 and not (100 <= status < 200) and status != 204:
             parts.append(f"Content-Length: {length}\r\n")
+        if self.lifecycle.draining:  # checked at response time: a drain may begin mid-request
+            self.close_after = True
         if self.close_after:
             parts.append("Connection: close\r\n")
         elif self.req.version == "HTTP/1.0":

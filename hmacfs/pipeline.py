@@ -15,7 +15,7 @@ from typing import Callable, Optional, Protocol
 
 from .errors import HTTPError
 from .meta import FileRecord, MetaStore
-from .storage import LocalStore, PathConflict
+from .storage import LocalStore, OutsideRoot, PathConflict
 
 
 class BodySource(Protocol):
@@ -80,6 +80,9 @@ class UploadPipeline:
         except PathConflict:
             self.store.discard_temp(received.temp_path)
             raise HTTPError(409, "a file already exists at this path") from None
+        except OutsideRoot:
+            self.store.discard_temp(received.temp_path)
+            raise HTTPError(403, "this path leads outside the storage root") from None
         except BaseException:
             self.store.discard_temp(received.temp_path)
             raise
