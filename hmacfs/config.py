@@ -370,7 +370,9 @@ def _suggest(section: str, name: str) -> str:
     here = [n for (s, n) in INDEX if s == section]
     close = difflib.get_close_matches(name, here, n=1, cutoff=0.6)
     if close:
-        return f"; did you mean '{INDEX[(section, close[0])].name}'?"
+        key = INDEX[(section, close[0])]
+        where = "" if key.section == section else f"[{key.section}] "
+        return f"; did you mean {where}{key.name}?"
     anywhere = [f"{s}.{n}" for (s, n) in INDEX]
     close = difflib.get_close_matches(name, [a.split(".", 1)[1] for a in anywhere], n=1, cutoff=0.75)
     if close:

@@ -34,7 +34,7 @@ def test_check_config_masks_secrets_and_names_bad_keys(tmp_path: Path) -> None:
     good.write_text('[server]\nlistenport = "127.0.0.1:1"\nmaxuplodsize = 1\n[security]\nsecret = "s3cr3t-value"\n')
     r = hmacfs("check-config", "-config", str(good))
     assert r.returncode == 0 and "s3cr3t-value" not in r.stdout + r.stderr and "********" in r.stdout
-    assert "unknown key maxuplodsize" in r.stderr and "did you mean" in r.stderr
+    assert "unknown key [server] maxuplodsize; did you mean [uploads] maxuploadsize?" in r.stderr
     bad = tmp_path / "bad.toml"
     bad.write_text('[uploads]\nmaxuploadsize = "lots"\n[security]\nsecret = "x"\n')
     r = hmacfs("check-config", "--config", str(bad))
