@@ -92,6 +92,8 @@ def _report(cfg: config_mod.Config) -> None:
         print(f"hmacfs: warning: {w}", file=sys.stderr)
     for n in cfg.notes:
         print(f"hmacfs: note: {n}", file=sys.stderr)
+    for p in cfg.pending:
+        print(f"hmacfs: warning: {p}", file=sys.stderr)
 
 
 def _check_config(cfg: config_mod.Config) -> int:
@@ -114,6 +116,8 @@ def _serve(cfg: config_mod.Config) -> int:
         log.warning("config: %s", w)
     for n in cfg.notes:
         log.info("config: %s", n)
+    for p in cfg.pending:
+        log.warning("config: %s", p)
     try:
         service = Service(cfg)
     except OSError as e:

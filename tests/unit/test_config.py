@@ -159,3 +159,17 @@ def test_prefix_normalisation_and_masked_rendering(tmp_path: Path) -> None:
 def test_shipped_config_loads_cleanly() -> None:
     cfg = config.load(str(Path(__file__).resolve().parents[2] / "config.toml"), environ={})
     assert cfg.warnings == () and cfg.listen.is_loopback and cfg.server.storagepath == "./data"
+
+
+def test_enabled_but_unimplemented_features_are_reported(tmp_path: Path) -> None:
+    cfg = load_text(tmp_path, f'[clamav]\nclamavenabled = true\n[security]\nsecret = "{STRONG}"\n')
+    assert any("clamavenabled" in p and "NOT scanned" in p for p in cfg.pending)
+    assert load_text(tmp_path, f'[security]\nsecret = "{STRONG}"\n').pending == ()
+
+
+def test_readme_documents_every_key() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    reference = readme.split("## Configuration reference", 1)[1].split("\n## ", 1)[0]
+    missing = [f"[{k.section}] {k.name}" for k in config.SCHEMA
+               if not k.compat and f"`{k.name}`" not in reference]
+    assert missing == []
