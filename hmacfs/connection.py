@@ -19,25 +19,19 @@ from typing import TYPE_CHECKING, Optional
 from .clientaddr import client_address
 from .errors import HTTPError
 from .exchange import Exchange, Request
+from .logs import printable
 from .paths import split_target
 
 if TYPE_CHECKING:
     from .server import ConnState, HmacfsServer
 
 log = logging.getLogger("hmacfs")
-access_log = logging.getLogger("hmacfs.access")
 
 MAX_REQUEST_LINE = 16 * 1024
 MAX_HEADERS = 100
 DRAIN_LIMIT = 64 * 1024          # unread request bodies up to this size are drained to keep the connection
 LINGER_SECONDS = 2.0
 _TOKEN = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-
-
-def printable(text: str) -> str:
-    """Attacker-supplied text made safe for a log line (no control characters, no newlines)."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 class ConnectionHandler(BaseHTTPRequestHandler):
@@ -223,13 +217,8 @@ class ConnectionHandler(BaseHTTPRequestHandler):
             else "other"
         metrics.requests.inc(1, method, str(ex.status))
         metrics.request_seconds.observe(elapsed, method)
-        if access_log.isEnabledFor(logging.INFO):
-            path = printable(req.raw_path.decode("latin-1"))  # never the query: it holds signatures
-            access_log.info("%s \"%s %s\" %d %d %.1fms", req.client, printable(req.method), path,
-                            ex.status, ex.body_bytes, elapsed * 1000.0,
-                            extra={"client": req.client, "method": req.method, "path": path,
-                                   "status": ex.status, "bytes": ex.body_bytes,
-                                   "duration_ms": round(elapsed * 1000.0, 3)})
+        # never the query string: it holds signatures
+        self.server.access_log.record(req.client, req.method, req.raw_path, ex.status, ex.body_bytes, elapsed)
 
     def log_message(self, format: str, *args: object) -> None:
         log.debug(printable(format % args))

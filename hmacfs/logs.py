@@ -6,10 +6,13 @@ or a MAC: requests are logged from their path only, and config output masks secr
 """
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import logging.handlers
+import re
 import sys
+import threading
 import time
 from typing import Optional
 
@@ -57,3 +60,64 @@ def setup_logging(level: str = "info", logfile: str = "", as_json: bool = False,
 
 def set_level(level: str) -> None:
     logging.getLogger("hmacfs").setLevel(LEVELS.get(level.lower(), logging.INFO))
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def printable(text: str) -> str:
+    """Attacker-supplied text made safe for a log line (no control characters, no newlines)."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+class AccessLog:
+    """Access lines handed off to one writer thread, emitted in batches.
+
+    A request thread only appends a tuple (well under a microsecond); building the
+    LogRecord, formatting and the write happen in the writer, so logging every request
+    does not stall the request threads on the logging lock and a write per line. Lines
+    reach the log within `interval`; `flush()` at shutdown writes what is pending.
+    """
+
+    def __init__(self, logger: Optional[logging.Logger] = None, interval: float = 0.2) -> None:
+        self.logger = logger or logging.getLogger("hmacfs.access")
+        self.interval = interval
+        self._pending: collections.deque = collections.deque()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="access-log", daemon=True)
+        self._thread.start()
+
+    def record(self, client: str, method: str, raw_path: bytes, status: int, nbytes: int, seconds: float) -> None:
+        """Queue one access line; `raw_path` is the request path without its query (never log signatures)."""
+        if self.logger.isEnabledFor(logging.INFO):
+            self._pending.append((time.time(), client, method, raw_path, status, nbytes, seconds))
+            if self._thread is None:
+                self.flush()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            while self._pending:
+                ts, client, method, raw_path, status, nbytes, seconds = self._pending.popleft()
+                ms = round(seconds * 1000.0, 3)
+                method, path = printable(method), printable(raw_path.decode("latin-1"))
+                record = self.logger.makeRecord(
+                    self.logger.name, logging.INFO, __file__, 0, '%s "%s %s" %d %d %.1fms',
+                    (client, method, path, status, nbytes, ms), None,
+                    extra={"client": client, "method": method, "path": path, "status": status,
+                           "bytes": nbytes, "duration_ms": ms})
+                record.created, record.msecs = ts, (ts % 1) * 1000
+                self.logger.handle(record)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        self.flush()

@@ -25,7 +25,7 @@ from .clientaddr import parse_networks
 from .config import Config, ListenAddress
 from .connection import ConnectionHandler
 from .handlers.manage import handle_health, handle_metrics
-from .logs import set_level
+from .logs import AccessLog, set_level
 from .router import Router
 
 log = logging.getLogger("hmacfs")
@@ -114,8 +114,10 @@ class HmacfsServer(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 1024  # socketserver's 5 makes connection bursts wait in the kernel
 
-    def __init__(self, listen: ListenAddress, app: App, router: Router, conns: ConnectionTable) -> None:
+    def __init__(self, listen: ListenAddress, app: App, router: Router, conns: ConnectionTable,
+                 access_log: AccessLog) -> None:
         self.app = app
+        self.access_log = access_log
         self.router = router
         self.conns = conns
         self.listen = listen
@@ -210,11 +212,12 @@ class Service:
         self.config = config
         self.app = App(config)
         self.conns = ConnectionTable(config.server.maxconnections, self.app.metrics)
-        self.server = HmacfsServer(config.listen, self.app, self.app.router, self.conns)
+        self.access_log = AccessLog()
+        self.server = HmacfsServer(config.listen, self.app, self.app.router, self.conns, self.access_log)
         self.metrics_server: Optional[HmacfsServer] = None
         ml = config.metrics_listen
         if ml is not None and not self.app.metrics_on_main_port:
-            self.metrics_server = HmacfsServer(ml, self.app, metrics_router(self.app), self.conns)
+            self.metrics_server = HmacfsServer(ml, self.app, metrics_router(self.app), self.conns, self.access_log)
         self._stop = threading.Event()
         self._reload = threading.Event()
 
@@ -236,6 +239,7 @@ class Service:
         threads = [threading.Thread(target=s.serve_forever, kwargs={"poll_interval": 0.25},
                                     name=f"accept-{i}", daemon=True) for i, s in enumerate(servers)]
         threads.append(threading.Thread(target=self._watchdog, name="watchdog", daemon=True))
+        self.access_log.start()
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self.request_stop)
             signal.signal(signal.SIGINT, self.request_stop)
@@ -285,5 +289,6 @@ class Service:
                     os.unlink(s.listen.unix_path)
                 except FileNotFoundError:
                     pass
+        self.access_log.close()
         log.info("stopped")
         return 0
