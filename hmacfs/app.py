@@ -32,6 +32,7 @@ class App:
         self.prefix = config.urlprefix
         self.secrets = config.secrets
         self.jwt_secrets = config.jwt_secrets
+        self.delete_secret = config.security.deletesecret
         self.store = LocalStore(config.server.storagepath)
         swept = self.store.sweep_temp()
         if swept:
@@ -67,6 +68,7 @@ class App:
         """SIGHUP: take new secrets (rotation); other changes need a restart and are reported."""
         self.secrets = config.secrets
         self.jwt_secrets = config.jwt_secrets
+        self.delete_secret = config.security.deletesecret
         changed = [s for s in config.sections if s != "security" and
                    config.sections[s] != self.config.sections[s]]
         if changed:

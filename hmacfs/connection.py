@@ -29,7 +29,6 @@ log = logging.getLogger("hmacfs")
 
 MAX_REQUEST_LINE = 16 * 1024
 MAX_HEADERS = 100
-DRAIN_LIMIT = 64 * 1024          # unread request bodies up to this size are drained to keep the connection
 LINGER_SECONDS = 2.0
 _TOKEN = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
@@ -170,12 +169,11 @@ class ConnectionHandler(BaseHTTPRequestHandler):
         """Decide whether the connection can carry another request."""
         req = ex.req
         if not req.body_consumed and not ex.close_after:
-            cl = req.headers.get("content-length", "").strip()
-            if (req.expect_continue and not ex.sent_continue) or not cl.isdigit() or int(cl) > DRAIN_LIMIT:
+            if ex.unread_body_forces_close():
                 ex.close_after = True
             else:
                 try:
-                    req.rfile.read(int(cl))
+                    req.rfile.read(int(req.headers["content-length"]))
                     req.body_consumed = True
                 except OSError:
                     ex.close_after = True

@@ -18,6 +18,7 @@ from .errors import HTTPError, reason
 from .httpmsg import SECURITY_HEADERS, http_date
 
 SMALL_FILE = 256 * 1024   # read and send with the headers in one write below this size
+DRAIN_LIMIT = 64 * 1024   # an unread request body up to this size is read and dropped to keep the connection
 EXPOSE_HEADERS = ("Location, Upload-Offset, Upload-Length, Upload-Expires, Tus-Resumable, Tus-Version, "
                   "Tus-Extension, Tus-Max-Size, Tus-Checksum-Algorithm, ETag, Content-Range, "
                   "Content-Length, Content-Disposition")
@@ -163,10 +164,20 @@ class Exchange:
         self.sock.sendall(head + body)
         self.body_bytes = len(body)
 
+    def unread_body_forces_close(self) -> bool:
+        """An unread body we cannot cheaply skip would be parsed as the next request: close instead."""
+        req = self.req
+        if req.body_consumed:
+            return False
+        if req.expect_continue and not self.sent_continue:
+            return True  # the client may or may not send it now: its bytes cannot be framed
+        cl = req.headers.get("content-length", "").strip()
+        return "transfer-encoding" in req.headers or not cl.isdigit() or int(cl) > DRAIN_LIMIT
+
     def send_error(self, err: HTTPError) -> None:
         body = f"{err.status} {reason(err.status)}: {err.message}\n".encode("utf-8", "replace")
-        if err.status >= 400 and not self.req.body_consumed:
-            self.close_after = True  # the unread body would be parsed as the next request
+        if self.unread_body_forces_close():
+            self.close_after = True
         self.send(err.status, list(err.headers.items()), body, "text/plain; charset=utf-8")
 
     def send_file(self, status: int, headers: list[tuple[str, str]], fd: int, offset: int, length: int) -> None:

@@ -22,7 +22,8 @@ FileHandler = Callable[["App", Exchange, str], None]
 class Router:
     """Maps (method, path) to a handler; raises 404/405 as HTTPError."""
 
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, prefix: Optional[str]) -> None:
+        """`prefix=None`: a router with service endpoints only (the metrics listener)."""
         self.prefix = prefix
         self.services: dict[bytes, tuple[frozenset[str], ServiceHandler]] = {}
         self.file_routes: dict[str, FileHandler] = {}
@@ -31,7 +32,8 @@ class Router:
                     also_unreserved: bool = True) -> None:
         """Serve `handler` at `/.hmacfs<path>`, and at `path` itself when outside the prefix."""
         paths = ["/.hmacfs" + path]
-        if also_unreserved and not path.startswith(self.prefix) and path + "/" != self.prefix:
+        if also_unreserved and (self.prefix is None or (not path.startswith(self.prefix)
+                                                        and path + "/" != self.prefix)):
             paths.append(path)
         for p in paths:
             self.services[p.encode()] = (frozenset(methods), handler)
@@ -51,6 +53,8 @@ class Router:
                 raise HTTPError(405, "method not allowed", {"Allow": ", ".join(sorted(methods))})
             handler(app, ex)
             return
+        if self.prefix is None:
+            raise HTTPError(404, "not found")
         path = signed_path(req.raw_path, self.prefix)  # 404 outside the prefix, 400 unsafe
         file_handler: Optional[FileHandler] = self.file_routes.get(req.method)
         if file_handler is None:

@@ -199,7 +199,7 @@ def _remove_stale_socket(path: str) -> None:
 
 
 def metrics_router(app: App) -> Router:
-    router = Router(prefix="/\0never/")
+    router = Router(prefix=None)
     router.add_service(app.config.server.metricspath, handle_metrics)
     router.add_service("/health", handle_health)
     return router

@@ -19,7 +19,7 @@ FILE_METHODS = "OPTIONS, HEAD, GET, PUT, DELETE"
 def handle_delete(app: App, ex: Exchange, signed_path: str) -> None:
     facts = request_facts(app, ex, signed_path, None)
     try:
-        auth.authorize_delete(app.secrets, app.config.security.deletesecret, facts, time.time())
+        auth.authorize_delete(app.secrets, app.delete_secret, facts, time.time())
     except HTTPError as err:
         count_auth_failure(app, err)
         raise

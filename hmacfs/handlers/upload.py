@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from typing import TYPE_CHECKING, Optional, Union
+from urllib.parse import quote
 
 from .. import auth, pipeline
 from ..body import ChunkedBody, LengthBody
@@ -50,9 +51,8 @@ def handle_put(app: App, ex: Exchange, signed_path: str) -> None:
     app.metrics.uploads.inc(1, grant.protocol)
     app.metrics.upload_bytes.inc(record.size)
     app.metrics.upload_seconds.observe(time.monotonic() - started)
-    location = ex.req.raw_path.decode("latin-1")
-    ex.send(201, [("ETag", strong_etag(record.sha256)), ("Location", location)],
-            b"", None)
+    location = app.prefix + quote(signed_path)
+    ex.send(201, [("ETag", strong_etag(record.sha256)), ("Location", location)])
 
 
 def _put(app: App, ex: Exchange, signed_path: str):

@@ -186,3 +186,17 @@ def test_keep_alive_carries_several_requests(srv) -> None:
         resp = conn.getresponse()
         assert resp.status == 200 and resp.read() == b"abc"
     conn.close()
+
+
+def test_small_refused_body_keeps_the_connection(srv) -> None:
+    import http.client
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10)
+    conn.request("PUT", url_path(srv.prefix, fresh()) + "?v=" + "0" * 64, body=b"small body")
+    resp = conn.getresponse()
+    assert resp.status == 403 and resp.getheader("Connection") != "close"
+    resp.read()
+    path = fresh()
+    conn.request("PUT", signed_put(srv.prefix, srv.secret, path, 2), body=b"ok")  # same connection
+    resp = conn.getresponse()
+    assert resp.status == 201 and resp.getheader("Location") == url_path(srv.prefix, path)
+    conn.close()
