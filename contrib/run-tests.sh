@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Real peers the tests start on loopback (see tests/xmpp, tests/browser, bench/).
-APT_PACKAGES=(python3 python3-venv prosody prosody-modules ejabberd chromium chromium-driver nginx wrk)
+APT_PACKAGES=(python3 python3-venv prosody prosody-modules ejabberd chromium chromium-driver nginx haproxy openssl curl wrk)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
