@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 from .. import auth
 from ..errors import HTTPError
@@ -45,9 +45,9 @@ def hash_fd(fd: int, size: int) -> str:
     return digest.hexdigest()
 
 
-def current_record(app: App, signed_path: str, fd: int, st: os.stat_result) -> FileRecord:
+def current_record(app: App, signed_path: str, record: Optional[FileRecord], fd: int,
+                   st: os.stat_result) -> FileRecord:
     """The metadata row, rebuilt from the file if missing or stale (changed outside hmacfs)."""
-    record = app.meta.get(signed_path)
     if record is not None and record.size == st.st_size and record.mtime_ns in (0, st.st_mtime_ns):
         return record
     rebuilt = FileRecord(path=signed_path, size=st.st_size,
@@ -59,9 +59,8 @@ def current_record(app: App, signed_path: str, fd: int, st: os.stat_result) -> F
     return rebuilt
 
 
-def expire_if_due(app: App, signed_path: str) -> None:
+def expire_if_due(app: App, signed_path: str, record: Optional[FileRecord]) -> None:
     """410 (and delete) when the file's own expiry time has passed."""
-    record = app.meta.get(signed_path)
     if record is not None and record.expires is not None and record.expires <= time.time():
         app.store.delete(signed_path)
         app.meta.delete(signed_path)
@@ -76,13 +75,14 @@ def handle_get(app: App, ex: Exchange, signed_path: str) -> None:
         except HTTPError as err:
             count_auth_failure(app, err)
             raise
-    expire_if_due(app, signed_path)
+    record = app.meta.get(signed_path)
+    expire_if_due(app, signed_path, record)
     opened = app.store.open(signed_path)
     if opened is None:
         raise HTTPError(404, "not found")
     fd, st = opened
     try:
-        _serve(app, ex, signed_path, fd, st)
+        _serve(app, ex, signed_path, current_record(app, signed_path, record, fd, st), fd, st)
     finally:
         os.close(fd)
     if ex.status in (200, 206):
@@ -91,8 +91,7 @@ def handle_get(app: App, ex: Exchange, signed_path: str) -> None:
         app.metrics.download_seconds.observe(time.monotonic() - started)
 
 
-def _serve(app: App, ex: Exchange, signed_path: str, fd: int, st: os.stat_result) -> None:
-    record = current_record(app, signed_path, fd, st)
+def _serve(app: App, ex: Exchange, signed_path: str, record: FileRecord, fd: int, st: os.stat_result) -> None:
     headers = ex.req.headers
     etag = strong_etag(record.sha256)
     mtime = st.st_mtime
