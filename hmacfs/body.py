@@ -34,7 +34,7 @@ class LengthBody:
         view = buf[:min(len(buf), self.remaining)]
         try:
             n = self.rfile.readinto(view)
-        except (TimeoutError, ConnectionError) as e:
+        except OSError as e:  # timeouts and resets (socket.timeout is not TimeoutError before 3.10)
             raise BodyTruncated(self.received, str(self.length)) from e
         if not n:
             raise BodyTruncated(self.received, str(self.length))
@@ -60,7 +60,7 @@ class ChunkedBody:
     def _line(self) -> bytes:
         try:
             line = self.rfile.readline(MAX_CHUNK_LINE + 1)
-        except (TimeoutError, ConnectionError) as e:
+        except OSError as e:  # timeouts and resets (socket.timeout is not TimeoutError before 3.10)
             raise BodyTruncated(self.received, "chunked") from e
         if not line:
             raise BodyTruncated(self.received, "chunked")
@@ -94,7 +94,7 @@ class ChunkedBody:
         view = buf[:min(len(buf), self.chunk_left)]
         try:
             n = self.rfile.readinto(view)
-        except (TimeoutError, ConnectionError) as e:
+        except OSError as e:  # timeouts and resets (socket.timeout is not TimeoutError before 3.10)
             raise BodyTruncated(self.received, "chunked") from e
         if not n:
             raise BodyTruncated(self.received, "chunked")
