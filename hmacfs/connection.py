@@ -6,6 +6,11 @@ reader, unbuffered writer) but its request parsing is replaced: it goes through
 and header lines with hard limits (line length, header count and bytes, a header
 deadline enforced by the server's watchdog) and keeps the raw target bytes, so raw
 UTF-8 request lines and percent-escapes decode exactly once, in `paths`.
+
+Sockets stay in blocking mode: every time limit (idle, header, read, write) is a
+deadline in the server's connection table, enforced by its watchdog. A socket timeout
+would add a poll() before every recv and send, and per-call timeouts cannot bound a
+client that trickles one byte at a time anyway.
 """
 from __future__ import annotations
 
@@ -60,7 +65,6 @@ class ConnectionHandler(BaseHTTPRequestHandler):
         """Request line and header lines; None when the client closed or went idle."""
         timeouts = self.server.timeouts
         conn.idle(timeouts.idletimeout)
-        self.connection.settimeout(timeouts.idletimeout)
         try:
             line = self.rfile.readline(MAX_REQUEST_LINE + 1)
             if line in (b"\r\n", b"\n"):  # RFC 9112 2.2: ignore one empty line before a request
@@ -136,9 +140,7 @@ class ConnectionHandler(BaseHTTPRequestHandler):
         client = client_address(peer, headers, server.trusted_proxies)
         req = Request(method, target, version, headers, client, self.rfile)
         ex = Exchange(req, self.connection, server.app.cors, server.app)
-        window = server.timeouts.readtimeout if req.has_body else server.timeouts.writetimeout
-        conn.busy(window)
-        self.connection.settimeout(window)
+        conn.busy(server.timeouts.readtimeout if req.has_body else server.timeouts.writetimeout)
         try:
             req.raw_path, req.query = split_target(target)
             server.router.dispatch(server.app, ex)

@@ -2,9 +2,13 @@
 
 Strategy: the file on disk is the truth about *whether* a file exists; the metadata row
 says what it is. A row may be missing (a crash between the commit and the insert, or an
-adopted prosody-filer store): readers then rebuild it from the file (see handlers). One
-connection per thread (sqlite3 objects are not shared across threads); a small cache
-keeps hot rows off the database for downloads.
+adopted prosody-filer store): readers then rebuild it from the file (see handlers).
+
+One connection, used under a lock, serves every thread. A connection per thread (the
+obvious design) cost a database open per client connection and up to 2 MB of page
+cache per thread, and concurrent writers met SQLite's busy handler, which *sleeps* with
+growing back-off; each statement here takes microseconds, so serialising them is the
+cheaper way. A small cache keeps hot rows off the database for downloads.
 """
 from __future__ import annotations
 
@@ -61,21 +65,17 @@ class SqliteMeta:
     def __init__(self, db_path: str) -> None:
         self.db_path = db_path
         os.makedirs(os.path.dirname(db_path), exist_ok=True)
-        self._local = threading.local()
         self._cache: OrderedDict[str, FileRecord] = OrderedDict()
         self._cache_lock = threading.Lock()
-        conn = self._conn()
-        conn.executescript(SCHEMA)
+        self._db_lock = threading.Lock()
+        self._db = sqlite3.connect(self.db_path, timeout=30, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(SCHEMA)
 
-    def _conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(self.db_path, timeout=30, isolation_level=None,
-                                   check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            self._local.conn = conn
-        return conn
+    def _execute(self, sql: str, params: tuple = ()) -> list[tuple]:
+        with self._db_lock:
+            return self._db.execute(sql, params).fetchall()
 
     def get(self, path: str) -> Optional[FileRecord]:
         with self._cache_lock:
@@ -83,12 +83,12 @@ class SqliteMeta:
             if record is not None:
                 self._cache.move_to_end(path)
                 return record
-        row = self._conn().execute(
+        rows = self._execute(
             "SELECT path, size, content_type, sha256, created, mtime_ns, expires, uploader "
-            "FROM files WHERE path = ?", (path,)).fetchone()
-        if row is None:
+            "FROM files WHERE path = ?", (path,))
+        if not rows:
             return None
-        record = FileRecord(*row)
+        record = FileRecord(*rows[0])
         self._remember(record)
         return record
 
@@ -100,7 +100,7 @@ class SqliteMeta:
                 self._cache.popitem(last=False)
 
     def put(self, record: FileRecord) -> None:
-        self._conn().execute(
+        self._execute(
             "INSERT OR REPLACE INTO files (path, size, content_type, sha256, created, mtime_ns, "
             "expires, uploader) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (record.path, record.size, record.content_type, record.sha256, record.created,
@@ -110,13 +110,13 @@ class SqliteMeta:
     def delete(self, path: str) -> None:
         with self._cache_lock:
             self._cache.pop(path, None)
-        self._conn().execute("DELETE FROM files WHERE path = ?", (path,))
+        self._execute("DELETE FROM files WHERE path = ?", (path,))
 
     def expired(self, now: float, limit: int = 1000) -> list[FileRecord]:
-        rows = self._conn().execute(
+        rows = self._execute(
             "SELECT path, size, content_type, sha256, created, mtime_ns, expires, uploader "
-            "FROM files WHERE expires IS NOT NULL AND expires <= ? LIMIT ?", (now, limit)).fetchall()
+            "FROM files WHERE expires IS NOT NULL AND expires <= ? LIMIT ?", (now, limit))
         return [FileRecord(*row) for row in rows]
 
     def count(self) -> int:
-        return self._conn().execute("SELECT COUNT(*) FROM files").fetchone()[0]
+        return self._execute("SELECT COUNT(*) FROM files")[0][0]
