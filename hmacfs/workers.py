@@ -43,8 +43,12 @@ class UploadGate:
             self.metrics.upload_queue.set(self.waiting)
 
     @contextmanager
-    def slot(self) -> Iterator[memoryview]:
-        """Hold a worker for one upload; yields its receive buffer. 503 when full or draining."""
+    def slot(self, size_hint: Optional[int] = None) -> Iterator[memoryview]:
+        """Hold a worker for one upload; yields its receive buffer. 503 when full or draining.
+
+        An upload known to be small gets a buffer of its own size instead of a pooled 1 MiB
+        one, so many small concurrent uploads do not touch megabytes each.
+        """
         busy = HTTPError(503, "server busy, retry later", {"Retry-After": RETRY_AFTER})
         with self._cond:
             if self.closed:
@@ -63,14 +67,19 @@ class UploadGate:
                     self._publish()
                     raise HTTPError(503, "server is shutting down", {"Retry-After": RETRY_AFTER})
             self.active += 1
-            buf = self._buffers.pop() if self._buffers else bytearray(BUFFER_SIZE)
+            small = size_hint is not None and size_hint < BUFFER_SIZE
+            if small:
+                buf = bytearray(max(size_hint or 0, 1))
+            else:
+                buf = self._buffers.pop() if self._buffers else bytearray(BUFFER_SIZE)
             self._publish()
         try:
             yield memoryview(buf)
         finally:
             with self._cond:
                 self.active -= 1
-                self._buffers.append(buf)
+                if not small:
+                    self._buffers.append(buf)
                 self._publish()
                 self._cond.notify()
 

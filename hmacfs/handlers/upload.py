@@ -77,7 +77,7 @@ def _put(app: App, ex: Exchange, signed_path: str):
 
     content_type = (clean_content_type(grant.content_type) or clean_content_type(facts.content_type)
                     or guess_type(signed_path))
-    with app.gate.slot() as buf:
+    with app.gate.slot(declared) as buf:
         ex.send_continue()
         body: Union[LengthBody, ChunkedBody]
         if length is not None:
