@@ -14,6 +14,7 @@ from .exchange import CorsPolicy
 from .handlers.download import handle_get
 from .handlers.manage import handle_delete, handle_health, handle_metrics, handle_options, handle_ready
 from .handlers.upload import handle_put
+from .hotcache import HotFiles
 from .meta import SqliteMeta
 from .metrics import ServerMetrics
 from .pipeline import UploadPipeline
@@ -39,6 +40,7 @@ class App:
             log.info("removed %d incomplete upload(s) left by a previous run", swept)
         self.meta = SqliteMeta(os.path.join(self.store.internal, "meta.sqlite3"))
         self.pipeline = UploadPipeline(self.store, self.meta)
+        self.hot = HotFiles()
         self.metrics = metrics or ServerMetrics()
         self.workers = (auto_workers() if config.server.autoadjustworkers else config.workers.numworkers)
         self.gate = UploadGate(self.workers, config.workers.uploadqueuesize, self.metrics)

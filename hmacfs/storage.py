@@ -135,9 +135,12 @@ class LocalStore:
         return fd, st
 
     def stat(self, signed_path: str) -> Optional[os.stat_result]:
+        """lstat of a regular file at `signed_path` (not through a symlink), else None."""
+        final = self.full_path(signed_path)
         try:
-            st = os.lstat(self.full_path(signed_path))
-        except (FileNotFoundError, NotADirectoryError):
+            self._check_dir_inside(os.path.dirname(final))
+            st = os.lstat(final)
+        except (FileNotFoundError, NotADirectoryError, OutsideRoot):
             return None
         return st if _is_regular(st) else None
 

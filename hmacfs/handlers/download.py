@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Optional
 from .. import auth
 from ..errors import HTTPError
 from ..exchange import Exchange
+from ..hotcache import Identity
 from ..httpmsg import (
     content_disposition,
     guess_type,
@@ -48,7 +49,7 @@ def hash_fd(fd: int, size: int) -> str:
 def current_record(app: App, signed_path: str, record: Optional[FileRecord], fd: int,
                    st: os.stat_result) -> FileRecord:
     """The metadata row, rebuilt from the file if missing or stale (changed outside hmacfs)."""
-    if record is not None and record.size == st.st_size and record.mtime_ns in (0, st.st_mtime_ns):
+    if record is not None and _record_matches(record, st):
         return record
     rebuilt = FileRecord(path=signed_path, size=st.st_size,
                          content_type=record.content_type if record else guess_type(signed_path),
@@ -64,7 +65,12 @@ def expire_if_due(app: App, signed_path: str, record: Optional[FileRecord]) -> N
     if record is not None and record.expires is not None and record.expires <= time.time():
         app.store.delete(signed_path)
         app.meta.delete(signed_path)
+        app.hot.discard(signed_path)
         raise HTTPError(410, "this file has expired")
+
+
+def _record_matches(record: Optional[FileRecord], st: os.stat_result) -> bool:
+    return record is not None and record.size == st.st_size and record.mtime_ns in (0, st.st_mtime_ns)
 
 
 def handle_get(app: App, ex: Exchange, signed_path: str) -> None:
@@ -77,21 +83,45 @@ def handle_get(app: App, ex: Exchange, signed_path: str) -> None:
             raise
     record = app.meta.get(signed_path)
     expire_if_due(app, signed_path, record)
-    opened = app.store.open(signed_path)
-    if opened is None:
-        raise HTTPError(404, "not found")
-    fd, st = opened
-    try:
-        _serve(app, ex, signed_path, current_record(app, signed_path, record, fd, st), fd, st)
-    finally:
-        os.close(fd)
+    _serve_cached(app, ex, signed_path, record) or _serve_opened(app, ex, signed_path, record)
     if ex.status in (200, 206):
         app.metrics.downloads.inc(1, str(ex.status))
         app.metrics.download_bytes.inc(ex.body_bytes)
         app.metrics.download_seconds.observe(time.monotonic() - started)
 
 
-def _serve(app: App, ex: Exchange, signed_path: str, record: FileRecord, fd: int, st: os.stat_result) -> None:
+def _serve_cached(app: App, ex: Exchange, signed_path: str, record: Optional[FileRecord]) -> bool:
+    """Serve a small file from the hot cache after one lstat; False on a miss."""
+    st = app.store.stat(signed_path)
+    if st is None or st.st_size > app.hot.max_file or not _record_matches(record, st):
+        return False
+    data = app.hot.get(signed_path, Identity.of(st))
+    if data is None:
+        return False
+    _serve(app, ex, signed_path, record, st, data=data)
+    return True
+
+
+def _serve_opened(app: App, ex: Exchange, signed_path: str, record: Optional[FileRecord]) -> None:
+    opened = app.store.open(signed_path)
+    if opened is None:
+        raise HTTPError(404, "not found")
+    fd, st = opened
+    try:
+        record = current_record(app, signed_path, record, fd, st)
+        if st.st_size <= app.hot.max_file:
+            data = os.pread(fd, st.st_size, 0)
+            app.hot.put(signed_path, Identity.of(st), data)
+            _serve(app, ex, signed_path, record, st, data=data)
+        else:
+            _serve(app, ex, signed_path, record, st, fd=fd)
+    finally:
+        os.close(fd)
+
+
+def _serve(app: App, ex: Exchange, signed_path: str, record: FileRecord, st: os.stat_result,
+           fd: Optional[int] = None, data: Optional[bytes] = None) -> None:
+    """Conditionals, Range and headers, then the body from `data` (small files) or `fd`."""
     headers = ex.req.headers
     etag = strong_etag(record.sha256)
     mtime = st.st_mtime
@@ -113,9 +143,12 @@ def _serve(app: App, ex: Exchange, signed_path: str, record: FileRecord, fd: int
     span = None
     if app.config.downloads.resumabledownloadsenabled and range_applies(headers.get("if-range"), etag, mtime):
         span = parse_range(headers.get("range"), size)
-    if span is None:
-        ex.send_file(200, common, fd, 0, size)
-        return
-    first, last = span
-    common.append(("Content-Range", f"bytes {first}-{last}/{size}"))
-    ex.send_file(206, common, fd, first, last - first + 1)
+    status, first, last = 200, 0, size - 1
+    if span is not None:
+        status, (first, last) = 206, span
+        common.append(("Content-Range", f"bytes {first}-{last}/{size}"))
+    if data is not None:
+        ex.send(status, common, data[first:last + 1] if span is not None else data)
+    else:
+        assert fd is not None
+        ex.send_file(status, common, fd, first, last - first + 1)

@@ -27,6 +27,7 @@ def handle_delete(app: App, ex: Exchange, signed_path: str) -> None:
         app.meta.delete(signed_path)
         raise HTTPError(404, "not found")
     app.meta.delete(signed_path)
+    app.hot.discard(signed_path)
     app.metrics.deletes.inc()
     ex.send(204)
 

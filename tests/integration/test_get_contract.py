@@ -136,3 +136,27 @@ def test_health_and_ready(srv) -> None:
     assert request(srv.port, "GET", "/.hmacfs/health").status == 200
     assert request(srv.port, "GET", "/ready").status == 200
     assert request(srv.metrics_port, "GET", "/health").status == 200
+
+
+def test_small_file_changed_outside_hmacfs_is_never_served_stale(srv) -> None:
+    import os
+    path = f"{uuid.uuid4()}/hot.txt"
+    assert put(srv, path, b"first").status == 201
+    for _ in range(3):  # warm the small-file cache
+        assert request(srv.port, "GET", url_path(srv.prefix, path)).body == b"first"
+    tmp = srv.storage / (path + ".new")
+    tmp.write_bytes(b"second!")
+    os.replace(tmp, srv.storage / path)  # an operator replaces the file by hand
+    r = request(srv.port, "GET", url_path(srv.prefix, path))
+    assert r.body == b"second!" and r.header("ETag") == '"' + hashlib.sha256(b"second!").hexdigest()[:32] + '"'
+    os.unlink(srv.storage / path)
+    assert request(srv.port, "GET", url_path(srv.prefix, path)).status == 404
+
+
+def test_deleted_small_file_is_gone_at_once(srv) -> None:
+    path = f"{uuid.uuid4()}/gone.txt"
+    assert put(srv, path, b"x").status == 201
+    assert request(srv.port, "GET", url_path(srv.prefix, path)).status == 200
+    exp = int(time.time()) + 60
+    assert request(srv.port, "DELETE", signed_v3(srv.prefix, srv.secret, path, "DELETE", exp)).status == 204
+    assert request(srv.port, "GET", url_path(srv.prefix, path)).status == 404

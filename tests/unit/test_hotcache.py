@@ -1,0 +1,27 @@
+"""The small-file cache: identity-checked hits, bounded size."""
+from __future__ import annotations
+
+from hmacfs.hotcache import HotFiles, Identity
+
+
+def test_hit_requires_same_identity() -> None:
+    hot = HotFiles()
+    ident = Identity(1, 3, 100)
+    hot.put("a/b", ident, b"abc")
+    assert hot.get("a/b", ident) == b"abc"
+    assert hot.get("a/b", Identity(1, 3, 101)) is None   # touched since: dropped
+    assert hot.get("a/b", ident) is None
+
+
+def test_bounds() -> None:
+    hot = HotFiles(max_file=4, max_total=8)
+    hot.put("big", Identity(1, 5, 0), b"12345")
+    assert hot.get("big", Identity(1, 5, 0)) is None      # over max_file: never cached
+    hot.put("short", Identity(1, 9, 0), b"123")
+    assert hot.get("short", Identity(1, 9, 0)) is None    # size disagrees with identity
+    for i in range(3):
+        hot.put(f"f{i}", Identity(i, 4, 0), b"abcd")
+    assert hot.get("f0", Identity(0, 4, 0)) is None       # evicted: total stays <= 8 bytes
+    assert hot.get("f2", Identity(2, 4, 0)) == b"abcd"
+    hot.discard("f2")
+    assert hot.get("f2", Identity(2, 4, 0)) is None
