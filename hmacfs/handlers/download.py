@@ -83,7 +83,8 @@ def handle_get(app: App, ex: Exchange, signed_path: str) -> None:
             raise
     record = app.meta.get(signed_path)
     expire_if_due(app, signed_path, record)
-    _serve_cached(app, ex, signed_path, record) or _serve_opened(app, ex, signed_path, record)
+    if not _serve_cached(app, ex, signed_path, record):
+        _serve_opened(app, ex, signed_path, record)
     if ex.status in (200, 206):
         app.metrics.downloads.inc(1, str(ex.status))
         app.metrics.download_bytes.inc(ex.body_bytes)
