@@ -60,7 +60,7 @@ class MetaStore(Protocol):
 class SqliteMeta:
     """MetaStore on one SQLite file in WAL mode."""
 
-    CACHE_SIZE = 4096
+    CACHE_SIZE = 1024
 
     def __init__(self, db_path: str) -> None:
         self.db_path = db_path
@@ -71,6 +71,7 @@ class SqliteMeta:
         self._db = sqlite3.connect(self.db_path, timeout=30, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA cache_size=-512")  # KiB; rows are small and hot ones are cached above
         self._db.executescript(SCHEMA)
 
     def _execute(self, sql: str, params: tuple = ()) -> list[tuple]:
