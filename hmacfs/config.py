@@ -221,7 +221,6 @@ def _build_index() -> dict[tuple[str, str], Key]:
 
 
 INDEX = _build_index()
-KEYS = {(k.section, k.name): k for k in SCHEMA}
 
 
 @dataclass(frozen=True)

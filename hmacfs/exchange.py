@@ -77,9 +77,6 @@ class Request:
         cl = self.headers.get("content-length", "0").strip()
         return bool(te) or cl not in ("", "0")
 
-    def header(self, name: str, default: Optional[str] = None) -> Optional[str]:
-        return self.headers.get(name, default)
-
 
 class CorsPolicy:
     """Which origins may read responses; `*` by default (signed URLs carry their own auth)."""

@@ -118,6 +118,3 @@ class SqliteMeta:
             "SELECT path, size, content_type, sha256, created, mtime_ns, expires, uploader "
             "FROM files WHERE expires IS NOT NULL AND expires <= ? LIMIT ?", (now, limit))
         return [FileRecord(*row) for row in rows]
-
-    def count(self) -> int:
-        return self._execute("SELECT COUNT(*) FROM files")[0][0]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+import stat
 import threading
 from typing import BinaryIO, Optional
 
@@ -173,8 +174,6 @@ class LocalStore:
 
 
 def _is_regular(st: os.stat_result) -> bool:
-    import stat
-
     return stat.S_ISREG(st.st_mode)
 
 

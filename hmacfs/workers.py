@@ -88,8 +88,3 @@ class UploadGate:
         with self._cond:
             self.closed = True
             self._cond.notify_all()
-
-    def resize(self, workers: int, queue_size: int) -> None:
-        with self._cond:
-            self.workers, self.queue_size = workers, queue_size
-            self._cond.notify_all()

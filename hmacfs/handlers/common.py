@@ -1,7 +1,6 @@
 """Facts every file handler derives from a request the same way."""
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING, Optional
 
 from ..auth import RequestFacts
@@ -24,6 +23,3 @@ def count_auth_failure(app: App, err: HTTPError) -> None:
     if err.status in (400, 401, 403, 410):
         app.metrics.auth_failures.inc(1, str(err.status))
 
-
-def now() -> float:
-    return time.time()
