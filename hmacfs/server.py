@@ -34,6 +34,9 @@ BUSY_RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 5\r\nContent
                  b"503 too many connections\n")
 
 
+METRICS_CONNECTIONS = 64
+
+
 class ConnState:
     """One open connection: its socket, whether a request is in progress, and its deadline."""
 
@@ -60,9 +63,9 @@ class ConnState:
 
 
 class ConnectionTable:
-    """Open connections, their limit and their deadlines."""
+    """Open connections, their limit and their deadlines (`metrics=None`: not exported)."""
 
-    def __init__(self, limit: int, metrics) -> None:
+    def __init__(self, limit: int, metrics=None) -> None:
         self.limit = limit
         self.metrics = metrics
         self._conns: set[ConnState] = set()
@@ -75,13 +78,15 @@ class ConnectionTable:
         state = ConnState(sock)
         with self._lock:
             self._conns.add(state)
-            self.metrics.connections.set(len(self._conns))
+            if self.metrics is not None:
+                self.metrics.connections.set(len(self._conns))
         return state
 
     def unregister(self, state: ConnState) -> None:
         with self._lock:
             self._conns.discard(state)
-            self.metrics.connections.set(len(self._conns))
+            if self.metrics is not None:
+                self.metrics.connections.set(len(self._conns))
 
     def snapshot(self) -> list[ConnState]:
         with self._lock:
@@ -162,7 +167,8 @@ class HmacfsServer(ThreadingHTTPServer):
 
     def process_request(self, request, client_address) -> None:  # type: ignore[override]
         if not self.conns.has_room():
-            self.app.metrics.connections_refused.inc()
+            if self.conns.metrics is not None:
+                self.conns.metrics.connections_refused.inc()
             try:
                 request.settimeout(1.0)
                 request.sendall(BUSY_RESPONSE)
@@ -215,15 +221,20 @@ class Service:
         self.access_log = AccessLog()
         self.server = HmacfsServer(config.listen, self.app, self.app.router, self.conns, self.access_log)
         self.metrics_server: Optional[HmacfsServer] = None
+        # The metrics listener has its own small table: a flood of client connections must
+        # not make the server unscrapeable, and scrapes are not client connections.
+        self.metrics_conns = ConnectionTable(METRICS_CONNECTIONS)
         ml = config.metrics_listen
         if ml is not None and not self.app.metrics_on_main_port:
-            self.metrics_server = HmacfsServer(ml, self.app, metrics_router(self.app), self.conns, self.access_log)
+            self.metrics_server = HmacfsServer(ml, self.app, metrics_router(self.app), self.metrics_conns,
+                                               self.access_log)
         self._stop = threading.Event()
         self._reload = threading.Event()
 
     def _watchdog(self) -> None:
         while not self._stop.wait(1.0):
-            reaped = self.conns.reap(time.monotonic())
+            now = time.monotonic()
+            reaped = self.conns.reap(now) + self.metrics_conns.reap(now)
             if reaped:
                 log.info("closed %d connection(s) past their read/write/idle deadline", reaped)
 
@@ -276,6 +287,7 @@ class Service:
             s.shutdown()
             s.server_close()
         self.conns.close_idle()
+        self.metrics_conns.close_all()
         deadline = time.monotonic() + grace
         while self.conns.busy_count() and time.monotonic() < deadline:
             time.sleep(0.05)

@@ -12,6 +12,18 @@ from hmacfs import auth
 from tests.support.client import put, raw, request, signed_put, signed_v3, status_of, url_path
 
 
+def wait_for_gauge(srv, sample: str, at_least: float) -> None:
+    """Poll the metrics endpoint until a gauge reaches a value (the server's own view of its state)."""
+    deadline = time.monotonic() + 10
+    while True:
+        text = request(srv.metrics_port, "GET", "/metrics").body.decode()
+        values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(sample + " ")]
+        if values and values[0] >= at_least:
+            return
+        assert time.monotonic() < deadline, f"{sample} never reached {at_least}"
+        time.sleep(0.02)
+
+
 def test_extension_policy_415_case_insensitive(hmacfs_factory) -> None:
     srv = hmacfs_factory({"uploads": {"allowedextensions": [".png", ".JPG"], "blockedextensions": [".exe"]}})
     assert put(srv, f"{uuid.uuid4()}/a.PNG", b"x").status == 201
@@ -70,7 +82,7 @@ def test_worker_queue_full_503(hmacfs_factory) -> None:
     hold = socket.create_connection(("127.0.0.1", srv.port))
     hold.sendall(f"PUT {signed_put(srv.prefix, srv.secret, path, 10)} HTTP/1.1\r\nHost: x\r\n"
                  "Content-Length: 10\r\n\r\nabc".encode())  # holds the only worker
-    time.sleep(0.3)
+    wait_for_gauge(srv, "hmacfs_uploads_in_progress", 1)
     r = put(srv, f"{uuid.uuid4()}/b.txt", b"x")
     assert r.status == 503 and r.header("Retry-After")
     hold.sendall(b"defghij")
@@ -83,9 +95,11 @@ def test_maxconnections_503(hmacfs_factory) -> None:
     srv = hmacfs_factory({"server": {"maxconnections": 2}})
     held = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(2)]
     try:
-        time.sleep(0.3)
+        wait_for_gauge(srv, "hmacfs_open_connections", 2)
         resp = raw(srv.port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
         assert status_of(resp) == 503 and b"Retry-After" in resp
+        scrape = request(srv.metrics_port, "GET", "/metrics")  # a full main listener does not blind metrics
+        assert scrape.status == 200 and b"hmacfs_connections_refused_total 1" in scrape.body
     finally:
         for s in held:
             s.close()
