@@ -49,14 +49,19 @@ def message_delete_token(path: str, delete_secret: str) -> bytes:
     return f"{path}\0{delete_secret}".encode()
 
 
-def verify_mac(keys: Sequence[bytes], message: bytes, given: str) -> bool:
-    """True if `given` (hex, any case) is the MAC of `message` under any key; constant time per key."""
-    candidate = given.strip().lower().encode("ascii", "replace")
+def _any_key_signs(keys: Sequence[bytes], message: bytes, candidate: bytes, as_hex: bool) -> bool:
+    """Constant-time check of `candidate` against the MAC under every key, without short-circuit,
+    so timing says nothing about which key (if any) matched."""
     ok = False
     for key in keys:
-        # Compare against every key, without short-circuit, so timing says nothing about which.
-        ok |= hmac.compare_digest(mac_hex(key, message).encode(), candidate)
+        mac = hmac.new(key, message, hashlib.sha256)
+        ok |= hmac.compare_digest(mac.hexdigest().encode() if as_hex else mac.digest(), candidate)
     return ok
+
+
+def verify_mac(keys: Sequence[bytes], message: bytes, given: str) -> bool:
+    """True if `given` (hex, any case) is the MAC of `message` under any key."""
+    return _any_key_signs(keys, message, given.strip().lower().encode("ascii", "replace"), as_hex=True)
 
 
 # --- JWT (HS256), as Prosody's util/jwt signs it -------------------------------------------------
@@ -96,11 +101,7 @@ def jwt_decode(keys: Sequence[bytes], token: str) -> dict:
         raise HTTPError(401, "malformed bearer token", bearer) from None
     if not isinstance(header, dict) or header.get("alg") != "HS256":
         raise HTTPError(401, "bearer token algorithm must be HS256", bearer)
-    signing_input = f"{parts[0]}.{parts[1]}".encode("ascii")
-    ok = False
-    for key in keys:
-        ok |= hmac.compare_digest(hmac.new(key, signing_input, hashlib.sha256).digest(), signature)
-    if not ok:
+    if not _any_key_signs(keys, f"{parts[0]}.{parts[1]}".encode("ascii"), signature, as_hex=False):
         raise HTTPError(401, "bearer token signature mismatch", bearer)
     try:
         claims = json.loads(_unb64url(parts[1]))

@@ -1,7 +1,8 @@
 """Facts every file handler derives from a request the same way."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Iterator, Optional
 
 from ..auth import RequestFacts
 from ..errors import HTTPError
@@ -18,8 +19,13 @@ def request_facts(app: App, ex: Exchange, signed_path: str, content_length: Opti
                         content_type=req.headers.get("content-type"), content_length=content_length)
 
 
-def count_auth_failure(app: App, err: HTTPError) -> None:
-    """Every refused signature is counted (and later feeds rate limits and bans)."""
-    if err.status in (400, 401, 403, 410):
-        app.metrics.auth_failures.inc(1, str(err.status))
+@contextmanager
+def auth_failures_counted(app: App) -> Iterator[None]:
+    """Count every signature check that refuses the request (later it feeds rate limits and bans)."""
+    try:
+        yield
+    except HTTPError as err:
+        if err.status in (400, 401, 403, 410):
+            app.metrics.auth_failures.inc(1, str(err.status))
+        raise
 

@@ -24,7 +24,7 @@ from ..httpmsg import (
     strong_etag,
 )
 from ..meta import FileRecord
-from .common import count_auth_failure, request_facts
+from .common import auth_failures_counted, request_facts
 
 if TYPE_CHECKING:
     from ..app import App
@@ -76,11 +76,8 @@ def _record_matches(record: Optional[FileRecord], st: os.stat_result) -> bool:
 def handle_get(app: App, ex: Exchange, signed_path: str) -> None:
     started = time.monotonic()
     if app.config.downloads.requiresignature:
-        try:
+        with auth_failures_counted(app):
             auth.authorize_download(app.secrets, request_facts(app, ex, signed_path, None), time.time())
-        except HTTPError as err:
-            count_auth_failure(app, err)
-            raise
     record = app.meta.get(signed_path)
     expire_if_due(app, signed_path, record)
     if not _serve_cached(app, ex, signed_path, record):

@@ -8,7 +8,7 @@ from .. import auth
 from ..errors import HTTPError
 from ..exchange import Exchange
 from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from .common import count_auth_failure, request_facts
+from .common import auth_failures_counted, request_facts
 
 if TYPE_CHECKING:
     from ..app import App
@@ -18,11 +18,8 @@ FILE_METHODS = "OPTIONS, HEAD, GET, PUT, DELETE"
 
 def handle_delete(app: App, ex: Exchange, signed_path: str) -> None:
     facts = request_facts(app, ex, signed_path, None)
-    try:
+    with auth_failures_counted(app):
         auth.authorize_delete(app.secrets, app.delete_secret, facts, time.time())
-    except HTTPError as err:
-        count_auth_failure(app, err)
-        raise
     if not app.store.delete(signed_path):
         app.meta.delete(signed_path)
         raise HTTPError(404, "not found")

@@ -16,7 +16,7 @@ from ..errors import HTTPError
 from ..exchange import Exchange
 from ..httpmsg import clean_content_type, guess_type, strong_etag
 from ..paths import extension_allowed
-from .common import count_auth_failure, request_facts
+from .common import auth_failures_counted, request_facts
 
 if TYPE_CHECKING:
     from ..app import App
@@ -59,11 +59,8 @@ def _put(app: App, ex: Exchange, signed_path: str):
     cfg = app.config
     length = body_framing(ex)
     facts = request_facts(app, ex, signed_path, length)
-    try:
+    with auth_failures_counted(app):
         grant = auth.authorize_upload(app.secrets, app.jwt_secrets, facts, time.time())
-    except HTTPError as err:
-        count_auth_failure(app, err)
-        raise
     declared = length if length is not None else grant.size
     limit = cfg.uploads.maxuploadsize
     if declared is not None and declared > limit:
@@ -88,12 +85,11 @@ def _put(app: App, ex: Exchange, signed_path: str):
             received = pipeline.receive(app.store, body, buf)
         finally:
             ex.req.body_consumed = body.complete
+
         def check(r: pipeline.Received) -> None:
-            try:
+            with auth_failures_counted(app):
                 grant.check_final_size(app.secrets, r.size)
-            except HTTPError as err:
-                count_auth_failure(app, err)
-                raise
+
         record = app.pipeline.commit(received, signed_path, content_type, grant.file_expires,
                                      grant.uploader, before_commit=check)
     return record, grant
