@@ -45,12 +45,14 @@ class _Metric:
         return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}"]
 
 
-class Counter(_Metric):
-    kind = "counter"
+class _Valued(_Metric):
+    """One value per label set, or one read from `fn` at scrape time (process CPU, memory)."""
 
-    def __init__(self, name: str, help: str, labelnames: Sequence[str] = ()) -> None:
+    def __init__(self, name: str, help: str, labelnames: Sequence[str] = (),
+                 fn: Optional[Callable[[], float]] = None) -> None:
         super().__init__(name, help, labelnames)
         self._values: dict[tuple[str, ...], float] = {} if labelnames else {(): 0.0}
+        self._fn = fn
 
     def inc(self, amount: float = 1.0, *labels: str) -> None:
         with self._lock:
@@ -61,37 +63,26 @@ class Counter(_Metric):
             return self._values.get(labels, 0.0)
 
     def lines(self) -> list[str]:
-        with self._lock:
-            items = sorted(self._values.items())
-        return [f"{self.name}{_labels(self.labelnames, k)} {_num(v)}" for k, v in items]
-
-
-class Gauge(_Metric):
-    kind = "gauge"
-
-    def __init__(self, name: str, help: str, labelnames: Sequence[str] = (),
-                 fn: Optional[Callable[[], float]] = None) -> None:
-        super().__init__(name, help, labelnames)
-        self._values: dict[tuple[str, ...], float] = {} if labelnames else {(): 0.0}
-        self._fn = fn
-
-    def set(self, value: float, *labels: str) -> None:
-        with self._lock:
-            self._values[labels] = value
-
-    def inc(self, amount: float = 1.0, *labels: str) -> None:
-        with self._lock:
-            self._values[labels] = self._values.get(labels, 0.0) + amount
-
-    def dec(self, amount: float = 1.0, *labels: str) -> None:
-        self.inc(-amount, *labels)
-
-    def lines(self) -> list[str]:
         if self._fn is not None:
             return [f"{self.name} {_num(self._fn())}"]
         with self._lock:
             items = sorted(self._values.items())
         return [f"{self.name}{_labels(self.labelnames, k)} {_num(v)}" for k, v in items]
+
+
+class Counter(_Valued):
+    kind = "counter"
+
+
+class Gauge(_Valued):
+    kind = "gauge"
+
+    def set(self, value: float, *labels: str) -> None:
+        with self._lock:
+            self._values[labels] = value
+
+    def dec(self, amount: float = 1.0, *labels: str) -> None:
+        self.inc(-amount, *labels)
 
 
 class Histogram(_Metric):
@@ -198,23 +189,10 @@ class ServerMetrics:
         self.uploads_active = r.add(Gauge("hmacfs_uploads_in_progress", "Uploads holding a worker now."))
         self.upload_queue = r.add(Gauge("hmacfs_upload_queue_length", "Uploads waiting for a worker."))
         r.add(Gauge("process_resident_memory_bytes", "Resident memory size in bytes.", fn=_rss_bytes))
-        r.add(FunctionCounter("process_cpu_seconds_total", "User and system CPU time spent in seconds.", _cpu_seconds))
+        r.add(Counter("process_cpu_seconds_total", "User and system CPU time spent in seconds.", fn=_cpu_seconds))
         r.add(Gauge("process_start_time_seconds", "Start time of the process since the epoch in seconds.",
                     fn=lambda: started))
         r.add(Gauge("hmacfs_threads", "Python threads alive.", fn=lambda: threading.active_count()))
 
     def render(self) -> str:
         return self.registry.render()
-
-
-class FunctionCounter(_Metric):
-    """A counter whose value is read from a function at scrape time (process CPU)."""
-
-    kind = "counter"
-
-    def __init__(self, name: str, help: str, fn: Callable[[], float]) -> None:
-        super().__init__(name, help)
-        self._fn = fn
-
-    def lines(self) -> list[str]:
-        return [f"{self.name} {_num(self._fn())}"]
