@@ -22,7 +22,7 @@ from http.server import BaseHTTPRequestHandler
 from typing import TYPE_CHECKING, Optional
 
 from .clientaddr import client_address
-from .errors import HTTPError
+from .errors import HTTPError, reason
 from .exchange import Exchange, Request
 from .logs import printable
 from .paths import split_target
@@ -71,7 +71,7 @@ class ConnectionHandler(BaseHTTPRequestHandler):
                 line = self.rfile.readline(MAX_REQUEST_LINE + 1)
         except (OSError, ValueError):
             return None
-        if not line or (self.server.draining and not line.strip()):
+        if not line:
             return None
         conn.busy(min(timeouts.readheadertimeout, timeouts.readtimeout))
         if len(line) > MAX_REQUEST_LINE:
@@ -200,8 +200,8 @@ class ConnectionHandler(BaseHTTPRequestHandler):
 
     def _refuse_raw(self, err: HTTPError) -> None:
         """An error before a request could be parsed: minimal response, then close."""
-        body = f"{err.status} {err.message}\n".encode()
-        head = (f"HTTP/1.1 {err.status} {err.message}\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        body = f"{err.status} {reason(err.status)}: {err.message}\n".encode()
+        head = (f"HTTP/1.1 {err.status} {reason(err.status)}\r\nContent-Type: text/plain; charset=utf-8\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n"
                 "Access-Control-Allow-Origin: *\r\nX-Content-Type-Options: nosniff\r\n\r\n")
         try:

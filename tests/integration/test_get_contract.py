@@ -123,7 +123,7 @@ def test_method_not_allowed(srv) -> None:
 
 
 def test_malformed_requests(srv) -> None:
-    assert status_of(raw(srv.port, b"GARBAGE\r\n\r\n")) == 400
+    assert raw(srv.port, b"GARBAGE\r\n\r\n").startswith(b"HTTP/1.1 400 Bad Request\r\n")
     assert status_of(raw(srv.port, b"GET / HTTP/2.0\r\n\r\n")) == 505
     assert status_of(raw(srv.port, b"GET /x HTTP/1.1\r\nBad Header\r\n\r\n")) == 400
     assert status_of(raw(srv.port, b"GET /x HTTP/1.1\r\n" + b"X-A: " + b"a" * 70000 + b"\r\n\r\n")) in (414, 431)
