@@ -221,6 +221,9 @@ def _build_index() -> dict[tuple[str, str], Key]:
 
 
 INDEX = _build_index()
+KEY_BY_NAME: dict[str, Key] = {}  # any spelling -> its key, for suggestions across sections
+for (_section, _name), _key in INDEX.items():
+    KEY_BY_NAME.setdefault(_name, _key)
 
 
 @dataclass(frozen=True)
@@ -391,12 +394,10 @@ def _suggest(section: str, name: str) -> str:
         key = INDEX[(section, close[0])]
         where = "" if key.section == section else f"[{key.section}] "
         return f"; did you mean {where}{key.name}?"
-    anywhere = [f"{s}.{n}" for (s, n) in INDEX]
-    close = difflib.get_close_matches(name, [a.split(".", 1)[1] for a in anywhere], n=1, cutoff=0.75)
+    close = difflib.get_close_matches(name, list(KEY_BY_NAME), n=1, cutoff=0.75)
     if close:
-        for (_s, n), key in INDEX.items():
-            if n == close[0]:
-                return f"; did you mean [{key.section}] {key.name}?"
+        key = KEY_BY_NAME[close[0]]
+        return f"; did you mean [{key.section}] {key.name}?"
     return ""
 
 
