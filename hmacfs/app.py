@@ -10,17 +10,18 @@ import os
 from typing import Optional
 
 from .config import Config
-from .exchange import CorsPolicy
+from .handlers.delete import handle_delete, handle_options
 from .handlers.download import handle_get
-from .handlers.manage import handle_delete, handle_health, handle_metrics, handle_options, handle_ready
+from .handlers.service import handle_health, handle_metrics, handle_ready
 from .handlers.upload import handle_put
-from .hotcache import HotFiles
+from .http.exchange import CorsPolicy
+from .http.router import Router
 from .meta import SqliteMeta
-from .metrics import ServerMetrics
 from .pipeline import UploadPipeline
-from .router import Router
-from .storage import LocalStore
-from .workers import UploadGate, auto_workers
+from .services.hotcache import HotFiles
+from .services.metrics import ServerMetrics
+from .services.workers import UploadGate, auto_workers
+from .storage.local import LocalStore
 
 log = logging.getLogger("hmacfs")
 

@@ -106,8 +106,8 @@ def _check_config(cfg: config_mod.Config) -> int:
 def _serve(cfg: config_mod.Config) -> int:
     import logging
 
-    from .logs import setup_logging
-    from .server import Service
+    from .http.server import Service
+    from .services.logs import setup_logging
 
     s = cfg.server
     setup_logging(s.loglevel, s.logfile, s.loggingjson, s.logmaxsize, s.logbackups)

@@ -15,7 +15,7 @@ from typing import Callable, Optional, Protocol
 
 from .errors import HTTPError
 from .meta import FileRecord, MetaStore
-from .storage import LocalStore, OutsideRoot, PathConflict
+from .storage.local import LocalStore, OutsideRoot, PathConflict
 
 
 class BodySource(Protocol):

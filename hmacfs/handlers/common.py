@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Iterator, Optional
 
 from ..auth import RequestFacts
 from ..errors import HTTPError
-from ..exchange import Exchange
+from ..http.exchange import Exchange
 
 if TYPE_CHECKING:
     from ..app import App

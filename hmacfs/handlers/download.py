@@ -12,9 +12,8 @@ from typing import TYPE_CHECKING, Optional
 
 from .. import auth
 from ..errors import HTTPError
-from ..exchange import Exchange
-from ..hotcache import Identity
-from ..httpmsg import (
+from ..http.exchange import Exchange
+from ..http.httpmsg import (
     content_disposition,
     guess_type,
     http_date,
@@ -24,6 +23,7 @@ from ..httpmsg import (
     strong_etag,
 )
 from ..meta import FileRecord
+from ..services.hotcache import Identity
 from .common import auth_failures_counted, request_facts
 
 if TYPE_CHECKING:

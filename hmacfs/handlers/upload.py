@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING, Optional, Union
 from urllib.parse import quote
 
 from .. import auth, pipeline
-from ..body import ChunkedBody, LengthBody
 from ..errors import HTTPError
-from ..exchange import Exchange
-from ..httpmsg import clean_content_type, guess_type, strong_etag
-from ..paths import extension_allowed
+from ..http.body import ChunkedBody, LengthBody
+from ..http.exchange import Exchange
+from ..http.httpmsg import clean_content_type, guess_type, strong_etag
+from ..policy.paths import extension_allowed
 from .common import auth_failures_counted, request_facts
 
 if TYPE_CHECKING:

@@ -5,8 +5,8 @@ import io
 
 import pytest
 
-from hmacfs.body import ChunkedBody, LengthBody
 from hmacfs.errors import HTTPError
+from hmacfs.http.body import ChunkedBody, LengthBody
 
 
 class Trickle(io.RawIOBase):

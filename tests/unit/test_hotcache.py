@@ -1,7 +1,7 @@
 """The small-file cache: identity-checked hits, bounded size."""
 from __future__ import annotations
 
-from hmacfs.hotcache import HotFiles, Identity
+from hmacfs.services.hotcache import HotFiles, Identity
 
 
 def test_hit_requires_same_identity() -> None:

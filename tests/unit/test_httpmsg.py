@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from hmacfs import httpmsg
 from hmacfs.errors import HTTPError
+from hmacfs.http import httpmsg
 
 
 @pytest.mark.parametrize("header, size, expected", [

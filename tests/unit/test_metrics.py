@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 
-from hmacfs.metrics import Counter, Histogram, ServerMetrics, render
+from hmacfs.services.metrics import Counter, Histogram, ServerMetrics, render
 
 SAMPLE = re.compile(r'^[a-zA-Z_:][a-zA-Z0-9_:]*(\{([a-zA-Z_][a-zA-Z0-9_]*="([^"\\\n]|\\[\\n"])*",?)*\})? '
                     r'(-?[0-9.e+-]+|\+Inf|-Inf|NaN)$')

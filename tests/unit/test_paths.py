@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hmacfs import paths
 from hmacfs.errors import HTTPError
+from hmacfs.policy import paths
 
 P = "/upload/"
 

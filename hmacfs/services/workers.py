@@ -12,7 +12,7 @@ import threading
 from contextlib import contextmanager
 from typing import Iterator, Optional
 
-from .errors import HTTPError
+from ..errors import HTTPError
 
 BUFFER_SIZE = 1024 * 1024
 RETRY_AFTER = "5"

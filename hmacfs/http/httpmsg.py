@@ -12,7 +12,7 @@ from email.utils import formatdate, parsedate_to_datetime
 from typing import Optional
 from urllib.parse import quote
 
-from .errors import HTTPError
+from ..errors import HTTPError
 
 # Served inline (the browser may show them); everything else is an attachment. SVG, HTML,
 # XML and scripts are never inline: with `nosniff` and the sandbox CSP they cannot run.

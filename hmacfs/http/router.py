@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable, Optional
 
-from .errors import HTTPError
+from ..errors import HTTPError
+from ..policy.paths import signed_path
 from .exchange import Exchange
-from .paths import signed_path
 
 if TYPE_CHECKING:
-    from .app import App
+    from ..app import App
 
 ServiceHandler = Callable[["App", Exchange], None]
 FileHandler = Callable[["App", Exchange, str], None]

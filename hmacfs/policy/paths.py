@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import NamedTuple
 from urllib.parse import unquote_to_bytes
 
-from .errors import HTTPError
+from ..errors import HTTPError
 
 MAX_SEGMENT_BYTES = 255   # NAME_MAX on Linux filesystems
 MAX_PATH_BYTES = 4000     # below PATH_MAX with room for the storage root

@@ -1,4 +1,4 @@
-"""DELETE (signed), OPTIONS (CORS preflight) and the service endpoints (health, readiness, metrics)."""
+"""DELETE (signed) and OPTIONS (the CORS preflight) on file URLs."""
 from __future__ import annotations
 
 import time
@@ -6,8 +6,7 @@ from typing import TYPE_CHECKING
 
 from .. import auth
 from ..errors import HTTPError
-from ..exchange import Exchange
-from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from ..http.exchange import Exchange
 from .common import auth_failures_counted, request_facts
 
 if TYPE_CHECKING:
@@ -32,17 +31,3 @@ def handle_delete(app: App, ex: Exchange, signed_path: str) -> None:
 def handle_options(app: App, ex: Exchange, signed_path: str) -> None:
     """CORS preflight: no authentication (browsers send none), never touches storage."""
     ex.send(204, [("Allow", FILE_METHODS), *ex.cors.preflight(FILE_METHODS)])
-
-
-def handle_health(app: App, ex: Exchange) -> None:
-    ex.send(200, [("Cache-Control", "no-store")], b"ok\n", "text/plain; charset=utf-8")
-
-
-def handle_ready(app: App, ex: Exchange) -> None:
-    if app.draining:
-        raise HTTPError(503, "shutting down", {"Retry-After": "5"})
-    handle_health(app, ex)
-
-
-def handle_metrics(app: App, ex: Exchange) -> None:
-    ex.send(200, [("Cache-Control", "no-store")], app.metrics.render().encode(), METRICS_CONTENT_TYPE)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import BinaryIO
 
-from .errors import HTTPError
+from ..errors import HTTPError
 
 MAX_CHUNK_LINE = 4096
 

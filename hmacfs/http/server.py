@@ -19,13 +19,13 @@ import time
 from http.server import ThreadingHTTPServer
 from typing import Optional
 
-from . import config as config_mod
-from .app import App
+from .. import config as config_mod
+from ..app import App
+from ..config import Config, ListenAddress
+from ..handlers.service import handle_health, handle_metrics
+from ..services.logs import AccessLog, set_level
 from .clientaddr import parse_networks
-from .config import Config, ListenAddress
 from .connection import ConnectionHandler
-from .handlers.manage import handle_health, handle_metrics
-from .logs import AccessLog, set_level
 from .router import Router
 
 log = logging.getLogger("hmacfs")

@@ -14,7 +14,7 @@ import socket
 import time
 from typing import Iterable, Optional, Protocol
 
-from .errors import HTTPError, reason
+from ..errors import HTTPError, reason
 from .httpmsg import SECURITY_HEADERS, http_date
 
 SMALL_FILE = 256 * 1024   # read and send with the headers in one write below this size

@@ -21,11 +21,11 @@ import time
 from http.server import BaseHTTPRequestHandler
 from typing import TYPE_CHECKING, Optional
 
+from ..errors import HTTPError, reason
+from ..policy.paths import split_target
+from ..services.logs import printable
 from .clientaddr import client_address
-from .errors import HTTPError, reason
 from .exchange import Exchange, Request
-from .logs import printable
-from .paths import split_target
 
 if TYPE_CHECKING:
     from .server import ConnState, HmacfsServer

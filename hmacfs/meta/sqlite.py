@@ -16,8 +16,9 @@ import os
 import sqlite3
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
-from typing import Optional, Protocol
+from typing import Optional
+
+from .record import FileRecord
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
@@ -32,29 +33,6 @@ CREATE TABLE IF NOT EXISTS files (
 );
 CREATE INDEX IF NOT EXISTS files_expires ON files (expires) WHERE expires IS NOT NULL;
 """
-
-
-@dataclass(frozen=True)
-class FileRecord:
-    """What hmacfs knows about one stored file."""
-
-    path: str
-    size: int
-    content_type: str
-    sha256: str
-    created: float
-    mtime_ns: int = 0          # the file's mtime when the row was written: detects outside edits
-    expires: Optional[float] = None
-    uploader: Optional[str] = None
-
-
-class MetaStore(Protocol):
-    """What handlers need from a metadata backend (SQLite here; Redis in cluster mode)."""
-
-    def get(self, path: str) -> Optional[FileRecord]: ...
-    def put(self, record: FileRecord) -> None: ...
-    def delete(self, path: str) -> None: ...
-    def expired(self, now: float, limit: int = 1000) -> list[FileRecord]: ...
 
 
 class SqliteMeta:

@@ -1,0 +1,1 @@
+"""Pure policy decisions (no sockets, no files): which paths are acceptable."""
