@@ -166,6 +166,7 @@ class Hmacfs(Server):
             f'storagepath = "{self.data}"\n'
             'minfreebytes = "1MB"\n'
             'loglevel = "warn"\n'
+            "maxconnectionsperip = 0\n"  # every benchmark client connects from 127.0.0.1
             "[security]\n"
             f'secret = "{self.secret}"\n'
             "[uploads]\n"

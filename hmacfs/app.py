@@ -18,6 +18,7 @@ from .http.exchange import CorsPolicy
 from .http.router import Router
 from .meta import SqliteMeta
 from .pipeline import UploadPipeline
+from .policy.paths import MAX_PATH_BYTES
 from .services.hotcache import HotFiles
 from .services.metrics import ServerMetrics
 from .services.workers import UploadGate, auto_workers
@@ -50,7 +51,7 @@ class App:
         self.router = self._routes()
 
     def _routes(self) -> Router:
-        router = Router(self.prefix)
+        router = Router(self.prefix, min(MAX_PATH_BYTES, self.store.max_path_bytes))
         router.add_service("/health", handle_health)
         router.add_service("/ready", handle_ready)
         if self.config.server.metricsenabled and self.metrics_on_main_port:

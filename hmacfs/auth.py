@@ -15,13 +15,17 @@ import binascii
 import hashlib
 import hmac
 import json
+import math
+import re
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
 
+from .digits import parse_decimal
 from .errors import HTTPError
 
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
 QUERY_PROTOCOLS = ("v3", "v2", "token", "v")  # highest first: when several are given, it wins
+MAX_EXPIRES_DIGITS = 12  # unix seconds: 10 digits until the year 2286
 
 
 def mac_hex(key: bytes, message: bytes) -> str:
@@ -66,14 +70,49 @@ def verify_mac(keys: Sequence[bytes], message: bytes, given: str) -> bool:
 
 # --- JWT (HS256), as Prosody's util/jwt signs it -------------------------------------------------
 
+MAX_TOKEN_BYTES = 8192
+MAX_CLAIM_DIGITS = 18
+_JWT_SHAPE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
+
+
 def _b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
 def _unb64url(text: str) -> bytes:
-    if not text or len(text) % 4 == 1 or not all(c.isalnum() or c in "-_" for c in text):
+    """Decode unpadded base64url (the caller has checked the alphabet)."""
+    if len(text) % 4 == 1:
         raise ValueError("not base64url")
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _bounded_int(digits: str) -> int:
+    if len(digits.lstrip("-")) > MAX_CLAIM_DIGITS:
+        raise ValueError("number too long")
+    return int(digits)
+
+
+def _bounded_float(text: str) -> float:
+    value = float(text) if len(text) <= 2 * MAX_CLAIM_DIGITS else math.inf
+    if not math.isfinite(value) or abs(value) >= 10.0 ** MAX_CLAIM_DIGITS:
+        raise ValueError("number out of range")
+    return value
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _json_object(segment: str) -> dict:
+    """A base64url JSON object with bounded numbers; ValueError for anything else."""
+    try:
+        value = json.loads(_unb64url(segment), parse_int=_bounded_int, parse_float=_bounded_float,
+                           parse_constant=_no_constant)
+    except (binascii.Error, UnicodeDecodeError, RecursionError) as e:
+        raise ValueError(str(e)) from None
+    if not isinstance(value, dict):
+        raise ValueError("not a JSON object")
+    return value
 
 
 def jwt_encode(key: bytes, claims: Mapping[str, object]) -> str:
@@ -87,28 +126,29 @@ def jwt_encode(key: bytes, claims: Mapping[str, object]) -> str:
 def jwt_decode(keys: Sequence[bytes], token: str) -> dict:
     """Verify an HS256 JWT against any key and return its claims; HTTPError 401 otherwise.
 
-    The MAC is checked before the claims are parsed (the header is read first only to
-    refuse `alg: none` and anything but HS256).
+    Nothing in the token is parsed before its MAC verifies: the shape (three base64url
+    segments, bounded length, ASCII only) is checked, then the HMAC-SHA256 over
+    `header.payload`, and only then the header (`alg` must be HS256; `none` and every
+    other algorithm are refused) and the claims (numbers bounded, no NaN/Infinity).
     """
     bearer = {"WWW-Authenticate": "Bearer"}
-    parts = token.strip().split(".")
-    if len(parts) != 3:
+    token = token.strip()
+    if len(token) > MAX_TOKEN_BYTES or not _JWT_SHAPE.fullmatch(token):
         raise HTTPError(401, "malformed bearer token", bearer)
+    header_b64, payload_b64, signature_b64 = token.split(".")
     try:
-        header = json.loads(_unb64url(parts[0]))
-        signature = _unb64url(parts[2])
-    except (ValueError, binascii.Error, UnicodeDecodeError):
+        signature = _unb64url(signature_b64)
+    except (ValueError, binascii.Error):
         raise HTTPError(401, "malformed bearer token", bearer) from None
-    if not isinstance(header, dict) or header.get("alg") != "HS256":
-        raise HTTPError(401, "bearer token algorithm must be HS256", bearer)
-    if not _any_key_signs(keys, f"{parts[0]}.{parts[1]}".encode("ascii"), signature, as_hex=False):
+    if not _any_key_signs(keys, f"{header_b64}.{payload_b64}".encode("ascii"), signature, as_hex=False):
         raise HTTPError(401, "bearer token signature mismatch", bearer)
     try:
-        claims = json.loads(_unb64url(parts[1]))
-    except (ValueError, binascii.Error, UnicodeDecodeError):
-        raise HTTPError(401, "malformed bearer token claims", bearer) from None
-    if not isinstance(claims, dict):
-        raise HTTPError(401, "malformed bearer token claims", bearer)
+        header = _json_object(header_b64)
+        claims = _json_object(payload_b64)
+    except ValueError:
+        raise HTTPError(401, "malformed bearer token", bearer) from None
+    if header.get("alg") != "HS256":
+        raise HTTPError(401, "bearer token algorithm must be HS256", bearer)
     return claims
 
 
@@ -123,17 +163,10 @@ class UploadGrant:
     content_type: Optional[str] = None  # the signed type (v2/token/JWT), else None
     file_expires: Optional[int] = None  # JWT `expires` claim: the file's own lifetime
     uploader: Optional[str] = None      # JWT `sub`
-    pending_message: Optional[str] = None  # v/v2/token over a chunked body: MAC checked at the end
-    pending_mac: str = ""
 
-    def check_final_size(self, keys: Sequence[bytes], actual: int) -> None:
-        """After the body: the received size must match what was signed."""
-        if self.pending_message is not None:
-            path, ctype = self.pending_message, self.content_type or DEFAULT_CONTENT_TYPE
-            message = message_v(path, actual) if self.protocol == "v" else message_v2(path, actual, ctype)
-            if not verify_mac(keys, message, self.pending_mac):
-                raise HTTPError(403, "signature mismatch")
-        elif self.size is not None and actual != self.size:
+    def check_final_size(self, actual: int) -> None:
+        """After the body (chunked bodies are counted as they arrive): it must have the signed size."""
+        if self.size is not None and actual != self.size:
             raise HTTPError(413, f"body has {actual} bytes, the signed size is {self.size}")
 
 
@@ -151,10 +184,9 @@ class RequestFacts:
 
 
 def _v3(keys: Sequence[bytes], facts: RequestFacts, now: float, methods: Sequence[str]) -> None:
-    expires_text = facts.query.get("expires", "")
-    if not expires_text.isdigit():
-        raise HTTPError(403, "v3 needs an integer 'expires' parameter")
-    expires = int(expires_text)
+    expires = parse_decimal(facts.query.get("expires", ""), MAX_EXPIRES_DIGITS)
+    if expires is None:
+        raise HTTPError(403, "v3 needs an integer 'expires' parameter (unix seconds)")
     given = facts.query["v3"]
     if not any(verify_mac(keys, message_v3(m, expires, facts.full_path), given) for m in methods):
         raise HTTPError(403, "signature mismatch")
@@ -177,9 +209,10 @@ def authorize_upload(keys: Sequence[bytes], jwt_keys: Sequence[bytes], facts: Re
     given = facts.query[protocol]
     ctype = facts.content_type or DEFAULT_CONTENT_TYPE
     if facts.content_length is None:
-        # Chunked body: the signed size is only known once the body is in.
-        return UploadGrant(protocol if protocol == "v" else "v2", content_type=ctype,
-                           pending_message=facts.signed_path, pending_mac=given)
+        # Their MAC binds a length known only once a chunked body has ended: accepting the
+        # body first would be an unauthenticated write. Refused before any body byte.
+        raise HTTPError(411, f"'{protocol}' signs the body length: send Content-Length "
+                             "(chunked bodies need v3 or a bearer token)")
     size = facts.content_length
     message = message_v(facts.signed_path, size) if protocol == "v" else message_v2(facts.signed_path, size, ctype)
     if not verify_mac(keys, message, given):

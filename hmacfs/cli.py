@@ -16,7 +16,7 @@ from urllib.parse import quote
 
 from . import __version__, auth
 from . import config as config_mod
-from .errors import ConfigError
+from .errors import ConfigError, StartupError
 from .units import parse_duration
 
 VERBS = ("serve", "sign", "check-config", "version")
@@ -120,7 +120,7 @@ def _serve(cfg: config_mod.Config) -> int:
         log.warning("config: %s", p)
     try:
         service = Service(cfg)
-    except OSError as e:
+    except (OSError, StartupError) as e:
         log.error("cannot start: %s", e)
         return 1
     pidfile = s.pidfilepath

@@ -79,6 +79,8 @@ SCHEMA: tuple[Key, ...] = (
     _k("server", "trustedproxies", "list", []),
     _k("server", "strictconfig", "bool", False),
     _k("server", "maxconnections", "int", 1024, help="open connections; beyond it 503"),
+    _k("server", "maxconnectionsperip", "int", 64,
+       help="open connections from one client address (0: no cap; trusted proxies are exempt)"),
     _k("server", "maxheaderbytes", "size", "64KB", help="request line + headers"),
     _k("server", "cleanupinterval", "duration", "24h", compat=True),
     _k("server", "precacheworkers", "int", 4, compat=True),
@@ -509,6 +511,8 @@ def _validate(config: Config) -> None:
         raise ConfigError("[workers] uploadqueuesize: must not be negative")
     if s.maxconnections < 1:
         raise ConfigError(f"[server] maxconnections = {s.maxconnections}: must be at least 1")
+    if s.maxconnectionsperip < 0:
+        raise ConfigError(f"[server] maxconnectionsperip = {s.maxconnectionsperip}: must be 0 (no cap) or more")
     if not sec.secret:
         raise ConfigError("[security] secret is empty: set secret, secretfile or HMACFS_SECRET")
     if sec.secret.lower() in PLACEHOLDER_SECRETS and not listen.is_loopback:

@@ -21,6 +21,11 @@ class HTTPError(Exception):
         super().__init__(f"{self.status} {self.message}")
 
 
+def storage_full() -> HTTPError:
+    """507: the disk (or the space it must keep free) cannot take this upload."""
+    return HTTPError(507, "not enough free space to store this upload")
+
+
 def reason(status: int) -> str:
     """The standard reason phrase (with tus's 460 and a fallback for unknown codes)."""
     if status == 460:
@@ -33,3 +38,7 @@ def reason(status: int) -> str:
 
 class ConfigError(Exception):
     """The configuration is invalid; the message names the key and the value."""
+
+
+class StartupError(Exception):
+    """The server cannot start (storage not writable, store in use, ...); the message says why."""

@@ -7,15 +7,19 @@ commit. The body source is anything with `readinto` (plain, chunked, tus PATCH).
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional, Protocol
 
-from .errors import HTTPError
+from .errors import storage_full
 from .meta import FileRecord, MetaStore
-from .storage.local import LocalStore, OutsideRoot, PathConflict
+from .storage.local import LocalStore
+
+SPACE_CHECK_BYTES = 1024 * 1024  # free space is re-checked after every MiB received
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
 class BodySource(Protocol):
@@ -33,14 +37,19 @@ class Received:
     sha256: str
 
 
-def receive(store: LocalStore, body: BodySource, buf: memoryview) -> Received:
+def receive(store: LocalStore, body: BodySource, buf: memoryview, reserve: int = 0,
+            expected: Optional[int] = None) -> Received:
     """Stream `body` into a new temp file through `buf`, hashing as it goes; fsync at the end.
 
-    On any failure the temp file is removed, so nothing partial survives.
+    Free space is re-checked as the body grows: once the bytes still to come (`expected`
+    minus what arrived; 0 when unknown, as for chunked bodies) would leave less than
+    `reserve` free, 507. A full disk (ENOSPC) is a 507 too. On any failure the temp file
+    is removed, so nothing partial survives.
     """
     f, temp_path = store.new_temp()
     digest = hashlib.sha256()
     size = 0
+    next_check = SPACE_CHECK_BYTES
     try:
         with f:
             while True:
@@ -54,7 +63,17 @@ def receive(store: LocalStore, body: BodySource, buf: memoryview) -> Received:
                     written = f.write(view)
                     view = view[written:]
                 size += n
+                if size >= next_check:
+                    next_check = size + SPACE_CHECK_BYTES
+                    to_come = expected - size if expected is not None else 0
+                    if store.free_bytes() - to_come < reserve:
+                        raise storage_full()
             os.fsync(f.fileno())
+    except OSError as e:
+        store.discard_temp(temp_path)
+        if e.errno in _FULL_ERRNOS:
+            raise storage_full() from None
+        raise
     except BaseException:
         store.discard_temp(temp_path)
         raise
@@ -71,23 +90,29 @@ class UploadPipeline:
     def commit(self, received: Received, signed_path: str, content_type: str,
                expires: Optional[float], uploader: Optional[str],
                before_commit: Optional[Callable[[Received], None]] = None) -> FileRecord:
-        """Make the upload visible at `signed_path` (409 if taken) and record its metadata."""
+        """Make the upload visible at `signed_path` (409 if taken, 403 through a symlink out of the
+        root) with its metadata, or leave
+        nothing: a metadata write that fails takes the file back out, so the slot stays free."""
         try:
             if before_commit is not None:
                 before_commit(received)
             st = os.stat(received.temp_path)
-            self.store.commit(received.temp_path, signed_path)
-        except PathConflict:
+            self.store.publish(received.temp_path, signed_path)
+        except OSError as e:
             self.store.discard_temp(received.temp_path)
-            raise HTTPError(409, "a file already exists at this path") from None
-        except OutsideRoot:
-            self.store.discard_temp(received.temp_path)
-            raise HTTPError(403, "this path leads outside the storage root") from None
+            if e.errno in _FULL_ERRNOS:
+                raise storage_full() from None
+            raise
         except BaseException:
             self.store.discard_temp(received.temp_path)
             raise
         record = FileRecord(path=signed_path, size=received.size, content_type=content_type,
                             sha256=received.sha256, created=time.time(), mtime_ns=st.st_mtime_ns,
                             expires=expires, uploader=uploader)
-        self.meta.put(record)
+        try:
+            self.meta.put(record)
+        except BaseException:
+            self.store.retract(received.temp_path, signed_path)
+            raise
+        self.store.discard_temp(received.temp_path)
         return record

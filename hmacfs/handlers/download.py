@@ -14,6 +14,7 @@ from .. import auth
 from ..errors import HTTPError
 from ..http.exchange import Exchange
 from ..http.httpmsg import (
+    clean_content_type,
     content_disposition,
     guess_type,
     http_date,
@@ -132,7 +133,8 @@ def _serve(app: App, ex: Exchange, signed_path: str, record: FileRecord, st: os.
     if not_modified(headers.get("if-none-match"), headers.get("if-modified-since"), etag, mtime):
         ex.send(304, common)
         return
-    content_type = record.content_type or guess_type(signed_path)
+    # re-checked on the way out: a row written by an older version may hold anything
+    content_type = clean_content_type(record.content_type) or guess_type(signed_path)
     if content_type.startswith("text/") and "charset" not in content_type:
         content_type += "; charset=utf-8"
     filename = signed_path.rsplit("/", 1)[-1]

@@ -1,8 +1,11 @@
 """PUT: verify before reading the body, stream to a temp file, commit atomically, answer 201.
 
-Order of checks (all before `100 Continue`, so a refused client never sends its body):
-framing (400/411) -> signature (401/403/410/413) -> size limit (413) -> extension (415)
--> existing file (409) -> free space (507) -> worker slot (503).
+Order of checks (all before `100 Continue`, so a refused client never sends its body, and
+nothing is written and no worker slot is held for a request that is not authorized):
+framing (411; a chunked body only for v3 and JWT) -> signature (401/403/410/413) -> size
+limit (413) -> extension (415) -> existing file (409; 403 through a symlink out of the root)
+-> free space (507) -> worker slot (503). As the body arrives, the size limit and the free
+space are enforced again (413/507), and the upload is committed whole or not at all.
 """
 from __future__ import annotations
 
@@ -11,11 +14,12 @@ from typing import TYPE_CHECKING, Optional, Union
 from urllib.parse import quote
 
 from .. import auth, pipeline
-from ..errors import HTTPError
+from ..errors import HTTPError, storage_full
 from ..http.body import ChunkedBody, LengthBody
 from ..http.exchange import Exchange
 from ..http.httpmsg import clean_content_type, guess_type, strong_etag
 from ..policy.paths import extension_allowed
+from ..storage.local import PathConflict
 from .common import auth_failures_counted, request_facts
 
 if TYPE_CHECKING:
@@ -23,22 +27,13 @@ if TYPE_CHECKING:
 
 
 def body_framing(ex: Exchange) -> Optional[int]:
-    """Content-Length of the body, or None for chunked; 400/411/501 for anything else."""
-    headers = ex.req.headers
-    te = headers.get("transfer-encoding")
-    cl = headers.get("content-length")
-    if te is not None:
-        if cl is not None:
-            raise HTTPError(400, "both Content-Length and Transfer-Encoding (refused: request smuggling)")
-        if te.strip().lower() != "chunked":
-            raise HTTPError(501, f"unsupported Transfer-Encoding {te!r}")
+    """Content-Length of the body, or None for chunked (the head parser validated both); 411 else."""
+    req = ex.req
+    if req.chunked:
         return None
-    if cl is None:
+    if req.content_length is None:
         raise HTTPError(411, "Content-Length or chunked Transfer-Encoding required")
-    cl = cl.strip()
-    if not cl.isdigit() or len(cl) > 19:
-        raise HTTPError(400, "invalid Content-Length")
-    return int(cl)
+    return req.content_length
 
 
 def handle_put(app: App, ex: Exchange, signed_path: str) -> None:
@@ -67,10 +62,10 @@ def _put(app: App, ex: Exchange, signed_path: str):
         raise HTTPError(413, f"upload of {declared} bytes exceeds the limit of {limit} bytes")
     if not extension_allowed(signed_path, cfg.uploads.allowedextensions, cfg.uploads.blockedextensions):
         raise HTTPError(415, "file extension not allowed")
-    if app.store.exists(signed_path):
-        raise HTTPError(409, "a file already exists at this path")
+    if app.store.exists(signed_path):  # OutsideRoot (403) when the parent leads out of the root
+        raise PathConflict(signed_path)
     if app.store.free_bytes() - (declared or 0) < cfg.server.minfreebytes:
-        raise HTTPError(507, "not enough free space")
+        raise storage_full()
 
     content_type = (clean_content_type(grant.content_type) or clean_content_type(facts.content_type)
                     or guess_type(signed_path))
@@ -82,14 +77,9 @@ def _put(app: App, ex: Exchange, signed_path: str):
         else:
             body = ChunkedBody(ex.req.rfile, grant.size if grant.size is not None else limit)
         try:
-            received = pipeline.receive(app.store, body, buf)
+            received = pipeline.receive(app.store, body, buf, cfg.server.minfreebytes, declared)
         finally:
             ex.req.body_consumed = body.complete
-
-        def check(r: pipeline.Received) -> None:
-            with auth_failures_counted(app):
-                grant.check_final_size(app.secrets, r.size)
-
-        record = app.pipeline.commit(received, signed_path, content_type, grant.file_expires,
-                                     grant.uploader, before_commit=check)
+        record = app.pipeline.commit(received, signed_path, content_type, grant.file_expires, grant.uploader,
+                                     before_commit=lambda r: grant.check_final_size(r.size))
     return record, grant

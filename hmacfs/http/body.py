@@ -2,14 +2,21 @@
 
 Both fill a caller's buffer (`readinto`) so an upload of any size moves through one
 fixed buffer; both enforce a byte limit and report a body that ends early as a 400.
+Chunk framing is strict (RFC 9112 7.1): the size is 1-16 hex digits (no `0x`, sign or
+`_`), extensions hold no controls, and chunk data ends with exactly CRLF (or LF).
 """
 from __future__ import annotations
 
+import re
 from typing import BinaryIO
 
+from ..digits import parse_hex
 from ..errors import HTTPError
 
 MAX_CHUNK_LINE = 4096
+# chunk-size [ BWS ";" chunk-ext ]; the extension is ignored but may hold no control bytes
+_CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;[\t\x20-\x7e\x80-\xff]*)?\r?\n")
+_TRAILER_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t\x20-\x7e\x80-\xff]*\r?\n")
 
 
 class BodyTruncated(HTTPError):
@@ -69,16 +76,17 @@ class ChunkedBody:
         return line
 
     def _next_chunk(self) -> None:
-        size_text = self._line().split(b";", 1)[0].strip()
-        try:
-            if not size_text or len(size_text) > 16:
-                raise ValueError
-            size = int(size_text, 16)
-        except ValueError:
-            raise HTTPError(400, "malformed chunk size") from None
+        m = _CHUNK_LINE.fullmatch(self._line())
+        size = parse_hex(m.group(1)) if m else None
+        if size is None:
+            raise HTTPError(400, "malformed chunk size")
         if size == 0:
-            while self._line().strip():  # trailer fields, ignored
-                pass
+            while True:  # trailer fields, ignored (but well-formed)
+                line = self._line()
+                if line in (b"\r\n", b"\n"):
+                    break
+                if not _TRAILER_LINE.fullmatch(line):
+                    raise HTTPError(400, "malformed trailer field")
             self.done = True
         elif self.received + size > self.limit:
             raise HTTPError(413, f"body exceeds {self.limit} bytes")
@@ -100,7 +108,7 @@ class ChunkedBody:
             raise BodyTruncated(self.received, "chunked")
         self.chunk_left -= n
         self.received += n
-        if self.chunk_left == 0 and self._line().strip():
+        if self.chunk_left == 0 and self._line() not in (b"\r\n", b"\n"):
             raise HTTPError(400, "chunk data longer than its size")
         return n
 

@@ -16,7 +16,10 @@ def parse_networks(cidrs: Sequence[str]) -> tuple[Network, ...]:
     return tuple(ipaddress.ip_network(c, strict=False) for c in cidrs)
 
 
-def _trusted(addr: str, networks: Sequence[Network]) -> bool:
+def in_networks(addr: str, networks: Sequence[Network]) -> bool:
+    """Is `addr` (an IPv4-mapped IPv6 address counts as its IPv4 form) in any of `networks`?"""
+    if not networks:
+        return False
     try:
         ip = ipaddress.ip_address(addr)
     except ValueError:
@@ -45,10 +48,10 @@ def _forwarded_for(headers: Mapping[str, str]) -> list[str]:
 
 def client_address(peer: str, headers: Mapping[str, str], trusted: Sequence[Network]) -> str:
     """The address to log, rate-limit and ban: the right-most untrusted hop."""
-    if not trusted or not _trusted(peer, trusted):
+    if not trusted or not in_networks(peer, trusted):
         return peer
     for hop in reversed(_forwarded_for(headers)):
-        if not _trusted(hop, trusted):
+        if not in_networks(hop, trusted):
             try:
                 return str(ipaddress.ip_address(hop))
             except ValueError:

@@ -2,10 +2,11 @@
 
 Strategy: `BaseHTTPRequestHandler` is kept for its socket set-up (TCP_NODELAY, buffered
 reader, unbuffered writer) but its request parsing is replaced: it goes through
-`email.parser` and costs more than the rest of a small GET. Ours reads the request line
-and header lines with hard limits (line length, header count and bytes, a header
-deadline enforced by the server's watchdog) and keeps the raw target bytes, so raw
-UTF-8 request lines and percent-escapes decode exactly once, in `paths`.
+`email.parser`, costs more than the rest of a small GET and is lenient where it must
+not be. Ours is `head`: strict RFC 9112 parsing with hard limits (line length, header
+count and bytes), under a header deadline enforced by the server's watchdog; it keeps
+the raw target bytes, so raw UTF-8 request lines and percent-escapes decode exactly
+once, in `paths`.
 
 Sockets stay in blocking mode: every time limit (idle, header, read, write) is a
 deadline in the server's connection table, enforced by its watchdog. A socket timeout
@@ -15,27 +16,24 @@ client that trickles one byte at a time anyway.
 from __future__ import annotations
 
 import logging
-import re
 import socket
 import time
 from http.server import BaseHTTPRequestHandler
 from typing import TYPE_CHECKING, Optional
 
-from ..errors import HTTPError, reason
+from ..errors import HTTPError
 from ..policy.paths import split_target
-from ..services.logs import printable
+from ..services.logs import printable, printable_path
 from .clientaddr import client_address
-from .exchange import Exchange, Request
+from .exchange import Exchange, Request, refusal
+from .head import MAX_REQUEST_LINE, RequestHead, parse_head, read_fields, read_line
 
 if TYPE_CHECKING:
     from .server import ConnState, HmacfsServer
 
 log = logging.getLogger("hmacfs")
 
-MAX_REQUEST_LINE = 16 * 1024
-MAX_HEADERS = 100
 LINGER_SECONDS = 2.0
-_TOKEN = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
 
 class ConnectionHandler(BaseHTTPRequestHandler):
@@ -52,78 +50,47 @@ class ConnectionHandler(BaseHTTPRequestHandler):
         super().setup()
 
     def handle(self) -> None:
-        conn = self.server.conns.register(self.connection)
+        conn = self.server.conns.claim(self.connection)
+        first = True
         try:
-            while self._serve_one(conn):
-                pass
+            while self._serve_one(conn, first):
+                first = False
         finally:
             self.server.conns.unregister(conn)
 
     # -- reading --------------------------------------------------------------------------------
 
-    def _read_head(self, conn: ConnState) -> Optional[tuple[bytes, list[bytes]]]:
-        """Request line and header lines; None when the client closed or went idle."""
+    def _read_head(self, conn: ConnState, first: bool) -> Optional[RequestHead]:
+        """The next request head; None when the client closed or stayed silent past its deadline.
+
+        A new connection gets `readheadertimeout` for its whole first head (a silent socket is
+        cut then); between keep-alive requests it may idle for `idletimeout`, and once a
+        request's first line has arrived the rest of the head must follow within
+        `readheadertimeout`.
+        """
         timeouts = self.server.timeouts
-        conn.idle(timeouts.idletimeout)
+        conn.idle(timeouts.readheadertimeout if first else timeouts.idletimeout)
         try:
-            line = self.rfile.readline(MAX_REQUEST_LINE + 1)
+            line = read_line(self.rfile, MAX_REQUEST_LINE, 414)
             if line in (b"\r\n", b"\n"):  # RFC 9112 2.2: ignore one empty line before a request
-                line = self.rfile.readline(MAX_REQUEST_LINE + 1)
+                line = read_line(self.rfile, MAX_REQUEST_LINE, 414)
         except (OSError, ValueError):
             return None
         if not line:
             return None
-        conn.busy(min(timeouts.readheadertimeout, timeouts.readtimeout))
-        if len(line) > MAX_REQUEST_LINE:
-            raise HTTPError(414, "request line too long")
-        lines: list[bytes] = []
-        total = len(line)
-        while True:
-            h = self.rfile.readline(MAX_REQUEST_LINE + 1)
-            if not h:
-                raise ConnectionError("client closed during headers")
-            if h in (b"\r\n", b"\n"):
-                break
-            total += len(h)
-            if total > self.server.max_header_bytes or len(lines) >= MAX_HEADERS:
-                raise HTTPError(431, "request headers too large")
-            lines.append(h)
-        return line, lines
-
-    @staticmethod
-    def _parse_head(line: bytes, lines: list[bytes]) -> tuple[str, bytes, str, dict[str, str]]:
-        parts = line.rstrip(b"\r\n").split(b" ")
-        if len(parts) != 3 or not parts[1]:
-            raise HTTPError(400, "malformed request line")
-        method_b, target, version_b = parts
-        if not _TOKEN.match(method_b):
-            raise HTTPError(400, "malformed method")
-        if version_b not in (b"HTTP/1.1", b"HTTP/1.0"):
-            if version_b.startswith(b"HTTP/"):
-                raise HTTPError(505, "only HTTP/1.0 and HTTP/1.1 are supported")
-            raise HTTPError(400, "malformed request line")
-        headers: dict[str, str] = {}
-        for raw in lines:
-            name, sep, value = raw.partition(b":")
-            if not sep or not _TOKEN.match(name):  # also refuses obs-fold and space before ':'
-                raise HTTPError(400, "malformed header line")
-            key = name.decode("ascii").lower()
-            text = value.strip().decode("latin-1")
-            if key in headers:
-                if key in ("content-length", "host", "authorization", "transfer-encoding"):
-                    raise HTTPError(400, f"repeated {key} header")
-                headers[key] += ", " + text
-            else:
-                headers[key] = text
-        return method_b.decode("ascii"), target, version_b.decode("ascii"), headers
+        if first:
+            conn.in_request = True  # the first head keeps the deadline it was given
+        else:
+            conn.busy(min(timeouts.readheadertimeout, timeouts.readtimeout))
+        return parse_head(line, read_fields(self.rfile, self.server.max_header_bytes - len(line)))
 
     # -- one exchange ---------------------------------------------------------------------------
 
-    def _serve_one(self, conn: ConnState) -> bool:
+    def _serve_one(self, conn: ConnState, first: bool) -> bool:
         """Handle one request; True to keep the connection open for another."""
         server = self.server
         try:
-            head = self._read_head(conn)
+            head = self._read_head(conn, first)
         except HTTPError as err:
             self._refuse_raw(err)
             return False
@@ -131,18 +98,13 @@ class ConnectionHandler(BaseHTTPRequestHandler):
             return False
         if head is None:
             return False
-        try:
-            method, target, version, headers = self._parse_head(*head)
-        except HTTPError as err:
-            self._refuse_raw(err)
-            return False
         peer = self.client_address[0] if isinstance(self.client_address, tuple) else "unix"
-        client = client_address(peer, headers, server.trusted_proxies)
-        req = Request(method, target, version, headers, client, self.rfile)
+        client = client_address(peer, head.headers, server.trusted_proxies)
+        req = Request(head, client, self.rfile)
         ex = Exchange(req, self.connection, server.app.cors, server.app)
-        conn.busy(server.timeouts.readtimeout if req.has_body else server.timeouts.writetimeout)
+        conn.busy(server.timeouts.readtimeout if head.has_body else server.timeouts.writetimeout)
         try:
-            req.raw_path, req.query = split_target(target)
+            req.raw_path, req.query = split_target(head.target)
             server.router.dispatch(server.app, ex)
         except HTTPError as err:
             self._fail(ex, err)
@@ -152,7 +114,7 @@ class ConnectionHandler(BaseHTTPRequestHandler):
                 ex.status = 499  # client went away or stalled (nginx's convention, for the log)
             log.debug("connection from %s ended during a request: %s", client, e)
         except Exception:
-            log.exception("internal error handling %s %s", method, printable(req.raw_path.decode("latin-1")))
+            log.exception("internal error handling %s %s", head.method, printable_path(req.raw_path))
             self._fail(ex, HTTPError(500, "internal server error"))
         finally:
             self._account(req, ex)
@@ -175,7 +137,7 @@ class ConnectionHandler(BaseHTTPRequestHandler):
                 ex.close_after = True
             else:
                 try:
-                    req.rfile.read(int(req.headers["content-length"]))
+                    req.rfile.read(req.content_length or 0)
                     req.body_consumed = True
                 except OSError:
                     ex.close_after = True
@@ -199,13 +161,9 @@ class ConnectionHandler(BaseHTTPRequestHandler):
             pass
 
     def _refuse_raw(self, err: HTTPError) -> None:
-        """An error before a request could be parsed: minimal response, then close."""
-        body = f"{err.status} {reason(err.status)}: {err.message}\n".encode()
-        head = (f"HTTP/1.1 {err.status} {reason(err.status)}\r\nContent-Type: text/plain; charset=utf-8\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n"
-                "Access-Control-Allow-Origin: *\r\nX-Content-Type-Options: nosniff\r\n\r\n")
+        """An error before a request could be parsed: the whole response, then close."""
         try:
-            self.connection.sendall(head.encode("latin-1") + body)
+            self.connection.sendall(refusal(err, self.server.app.cors))
         except OSError:
             pass
         self.server.app.metrics.requests.inc(1, "invalid", str(err.status))

@@ -15,6 +15,7 @@ import time
 from typing import Iterable, Optional, Protocol
 
 from ..errors import HTTPError, reason
+from .head import RequestHead
 from .httpmsg import SECURITY_HEADERS, http_date
 
 SMALL_FILE = 256 * 1024   # read and send with the headers in one write below this size
@@ -47,35 +48,30 @@ DATE = _DateCache()
 
 
 class Request:
-    """A parsed request head. Header names are lowercase; repeated fields are comma-joined."""
+    """One request: its parsed head, the client address and the stream its body comes from."""
 
-    __slots__ = ("body_consumed", "client", "expect_continue", "headers", "keep_alive", "method",
-                 "query", "raw_path", "rfile", "started", "target", "version")
+    __slots__ = ("body_consumed", "chunked", "client", "content_length", "expect_continue", "headers",
+                 "keep_alive", "method", "query", "raw_path", "rfile", "started", "target", "version")
 
-    def __init__(self, method: str, target: bytes, version: str, headers: dict[str, str],
-                 client: str, rfile: io.BufferedReader) -> None:
-        self.method = method
-        self.target = target
-        self.version = version
-        self.headers = headers
+    def __init__(self, head: RequestHead, client: str, rfile: io.BufferedReader) -> None:
+        self.method = head.method
+        self.target = head.target
+        self.version = head.version
+        self.headers = head.headers
+        self.content_length = head.content_length
+        self.chunked = head.chunked
         self.client = client
         self.rfile = rfile
         self.started = time.monotonic()
         self.raw_path = b""
         self.query: dict[str, str] = {}
-        conn = headers.get("connection", "").lower()
-        if version == "HTTP/1.1":
+        conn = self.headers.get("connection", "").lower()
+        if self.version == "HTTP/1.1":
             self.keep_alive = "close" not in conn
         else:
             self.keep_alive = "keep-alive" in conn
-        self.expect_continue = headers.get("expect", "").lower() == "100-continue"
-        self.body_consumed = not self.has_body
-
-    @property
-    def has_body(self) -> bool:
-        te = self.headers.get("transfer-encoding")
-        cl = self.headers.get("content-length", "0").strip()
-        return bool(te) or cl not in ("", "0")
+        self.expect_continue = self.headers.get("expect", "").lower() == "100-continue"
+        self.body_consumed = not head.has_body
 
 
 class CorsPolicy:
@@ -97,6 +93,37 @@ class CorsPolicy:
     def preflight(self, methods: str, max_age: int = 86400) -> list[tuple[str, str]]:
         return [("Access-Control-Allow-Methods", methods), ("Access-Control-Allow-Headers", ALLOW_HEADERS),
                 ("Access-Control-Max-Age", str(max_age))]
+
+
+def response_head(status: int, headers: list[tuple[str, str]], length: int, close: bool,
+                  http10: bool = False) -> bytes:
+    """Status line and headers of any response: the security headers are always there."""
+    parts = [f"HTTP/1.1 {status} {reason(status)}\r\nDate: {DATE.get()}\r\nServer: hmacfs\r\n"]
+    for name, value in SECURITY_HEADERS:
+        parts.append(f"{name}: {value}\r\n")
+    for name, value in headers:
+        parts.append(f"{name}: {value}\r\n")
+    if status != 304 and not (100 <= status < 200) and status != 204:
+        parts.append(f"Content-Length: {length}\r\n")
+    if close:
+        parts.append("Connection: close\r\n")
+    elif http10:
+        parts.append("Connection: keep-alive\r\n")
+    parts.append("\r\n")
+    return "".join(parts).encode("latin-1", "replace")
+
+
+def error_body(err: HTTPError) -> bytes:
+    return f"{err.status} {reason(err.status)}: {err.message}\n".encode("utf-8", "replace")
+
+
+def refusal(err: HTTPError, cors: CorsPolicy, origin: Optional[str] = None) -> bytes:
+    """A whole error response that ends the connection, for refusals made before a request
+    could be parsed (malformed head, connection limits): the same CORS and security headers
+    as every other response."""
+    body = error_body(err)
+    headers = [*cors.headers(origin), *err.headers.items(), ("Content-Type", "text/plain; charset=utf-8")]
+    return response_head(err.status, headers, len(body), close=True) + body
 
 
 class Lifecycle(Protocol):
@@ -123,23 +150,10 @@ class Exchange:
         return self.status != 0
 
     def _head(self, status: int, headers: list[tuple[str, str]], length: int) -> bytes:
-        parts = [f"HTTP/1.1 {status} {reason(status)}\r\nDate: {DATE.get()}\r\nServer: hmacfs\r\n"]
-        for name, value in self.cors.headers(self.req.headers.get("origin")):
-            parts.append(f"{name}: {value}\r\n")
-        for name, value in SECURITY_HEADERS:
-            parts.append(f"{name}: {value}\r\n")
-        for name, value in headers:
-            parts.append(f"{name}: {value}\r\n")
-        if status != 304 and not (100 <= status < 200) and status != 204:
-            parts.append(f"Content-Length: {length}\r\n")
         if self.lifecycle.draining:  # checked at response time: a drain may begin mid-request
             self.close_after = True
-        if self.close_after:
-            parts.append("Connection: close\r\n")
-        elif self.req.version == "HTTP/1.0":
-            parts.append("Connection: keep-alive\r\n")
-        parts.append("\r\n")
-        return "".join(parts).encode("latin-1", "replace")
+        return response_head(status, [*self.cors.headers(self.req.headers.get("origin")), *headers], length,
+                             close=self.close_after, http10=self.req.version == "HTTP/1.0")
 
     def send_continue(self) -> None:
         """`100 Continue`: the checks passed, the client may send the body now."""
@@ -168,11 +182,10 @@ class Exchange:
             return False
         if req.expect_continue and not self.sent_continue:
             return True  # the client may or may not send it now: its bytes cannot be framed
-        cl = req.headers.get("content-length", "").strip()
-        return "transfer-encoding" in req.headers or not cl.isdigit() or int(cl) > DRAIN_LIMIT
+        return req.chunked or req.content_length is None or req.content_length > DRAIN_LIMIT
 
     def send_error(self, err: HTTPError) -> None:
-        body = f"{err.status} {reason(err.status)}: {err.message}\n".encode("utf-8", "replace")
+        body = error_body(err)
         if self.unread_body_forces_close():
             self.close_after = True
         self.send(err.status, list(err.headers.items()), body, "text/plain; charset=utf-8")

@@ -12,6 +12,7 @@ from email.utils import formatdate, parsedate_to_datetime
 from typing import Optional
 from urllib.parse import quote
 
+from ..digits import parse_decimal
 from ..errors import HTTPError
 
 # Served inline (the browser may show them); everything else is an attachment. SVG, HTML,
@@ -27,7 +28,9 @@ SECURITY_HEADERS = (
 )
 
 _TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"  # noqa: S105 - RFC 9110 token, not a password
-_MEDIA_TYPE = re.compile(rf"^{_TOKEN}/{_TOKEN}(\s*;\s*{_TOKEN}=({_TOKEN}|\"[^\"\\\r\n]*\"))*$")
+_QUOTED = r'"[\t\x20\x21\x23-\x5b\x5d-\x7e]*"'  # qdtext only: no controls, quotes or backslashes
+_MEDIA_TYPE = re.compile(rf"{_TOKEN}/{_TOKEN}([ \t]*;[ \t]*{_TOKEN}=({_TOKEN}|{_QUOTED}))*")
+MAX_RANGE_DIGITS = 19
 
 _mimetypes = mimetypes.MimeTypes(filenames=())  # a fixed table: no host /etc/mime.types surprises
 
@@ -49,8 +52,8 @@ def clean_content_type(value: Optional[str]) -> Optional[str]:
     """A syntactically valid media type, lowercased type/subtype, else None."""
     if not value:
         return None
-    value = value.strip()
-    if len(value) > 200 or not _MEDIA_TYPE.match(value):
+    value = value.strip(" \t")
+    if len(value) > 200 or not _MEDIA_TYPE.fullmatch(value):
         return None
     main, sep, params = value.partition(";")
     return main.strip().lower() + (sep + params if sep else "")
@@ -89,19 +92,20 @@ def parse_range(header: Optional[str], size: int) -> Optional[tuple[int, int]]:
         return None
     first_s, dash, last_s = spec.strip().partition("-")
     first_s, last_s = first_s.strip(), last_s.strip()
-    if not dash or (first_s and not first_s.isdigit()) or (last_s and not last_s.isdigit()):
-        return None
+    first_n = parse_decimal(first_s, MAX_RANGE_DIGITS) if first_s else None
+    last_n = parse_decimal(last_s, MAX_RANGE_DIGITS) if last_s else None
+    if not dash or (first_s and first_n is None) or (last_s and last_n is None):
+        return None  # not ASCII digits, or absurdly long: ignored, the whole file is served
     unsatisfiable = HTTPError(416, "range not satisfiable", {"Content-Range": f"bytes */{size}"})
-    if not first_s:  # suffix range: the last n bytes
-        if not last_s:
+    if first_n is None:  # suffix range: the last n bytes
+        if last_n is None:
             return None
-        n = int(last_s)
-        if n == 0 or size == 0:
+        if last_n == 0 or size == 0:
             raise unsatisfiable
-        return max(0, size - n), size - 1
-    first = int(first_s)
-    last = int(last_s) if last_s else size - 1
-    if last_s and last < first:
+        return max(0, size - last_n), size - 1
+    first = first_n
+    last = last_n if last_n is not None else size - 1
+    if last_n is not None and last < first:
         return None  # invalid range: ignore (RFC 9110 14.1.1)
     if first >= size:
         raise unsatisfiable

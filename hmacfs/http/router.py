@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Callable, Optional
 
 from ..errors import HTTPError
-from ..policy.paths import signed_path
+from ..policy.paths import MAX_PATH_BYTES, signed_path
 from .exchange import Exchange
 
 if TYPE_CHECKING:
@@ -22,9 +22,11 @@ FileHandler = Callable[["App", Exchange, str], None]
 class Router:
     """Maps (method, path) to a handler; raises 404/405 as HTTPError."""
 
-    def __init__(self, prefix: Optional[str]) -> None:
-        """`prefix=None`: a router with service endpoints only (the metrics listener)."""
+    def __init__(self, prefix: Optional[str], max_path_bytes: int = MAX_PATH_BYTES) -> None:
+        """`prefix=None`: a router with service endpoints only (the metrics listener);
+        `max_path_bytes`: the longest signed path the store can hold (414 beyond)."""
         self.prefix = prefix
+        self.max_path_bytes = max_path_bytes
         self.services: dict[bytes, tuple[frozenset[str], ServiceHandler]] = {}
         self.file_routes: dict[str, FileHandler] = {}
 
@@ -55,7 +57,7 @@ class Router:
             return
         if self.prefix is None:
             raise HTTPError(404, "not found")
-        path = signed_path(req.raw_path, self.prefix)  # 404 outside the prefix, 400 unsafe
+        path = signed_path(req.raw_path, self.prefix, self.max_path_bytes)  # 404 outside, 400 unsafe, 414
         file_handler: Optional[FileHandler] = self.file_routes.get(req.method)
         if file_handler is None:
             raise HTTPError(405, "method not allowed", {"Allow": self.allowed_file_methods()})

@@ -17,33 +17,35 @@ import socketserver
 import threading
 import time
 from http.server import ThreadingHTTPServer
-from typing import Optional
+from typing import Optional, Sequence
 
 from .. import config as config_mod
 from ..app import App
 from ..config import Config, ListenAddress
+from ..errors import HTTPError
 from ..handlers.service import handle_health, handle_metrics
 from ..services.logs import AccessLog, set_level
-from .clientaddr import parse_networks
+from .clientaddr import Network, in_networks, parse_networks
 from .connection import ConnectionHandler
+from .exchange import refusal
 from .router import Router
 
 log = logging.getLogger("hmacfs")
-BUSY_RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 5\r\nContent-Type: text/plain\r\n"
-                 b"Access-Control-Allow-Origin: *\r\nContent-Length: 25\r\nConnection: close\r\n\r\n"
-                 b"503 too many connections\n")
+TOO_MANY = HTTPError(503, "too many connections", {"Retry-After": "5"})
+TOO_MANY_FROM_PEER = HTTPError(503, "too many connections from your address", {"Retry-After": "5"})
 
 
 METRICS_CONNECTIONS = 64
 
 
 class ConnState:
-    """One open connection: its socket, whether a request is in progress, and its deadline."""
+    """One open connection: its socket, its peer, whether a request is in progress, its deadline."""
 
-    __slots__ = ("deadline", "in_request", "sock")
+    __slots__ = ("deadline", "in_request", "peer", "sock")
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, peer: Optional[str]) -> None:
         self.sock = sock
+        self.peer = peer
         self.in_request = False
         self.deadline = 0.0
 
@@ -63,34 +65,67 @@ class ConnState:
 
 
 class ConnectionTable:
-    """Open connections, their limit and their deadlines (`metrics=None`: not exported)."""
+    """Open connections, their limits (in all and per peer address) and their deadlines.
 
-    def __init__(self, limit: int, metrics=None) -> None:
+    Admission happens in the accepting thread, atomically with the count, so a burst cannot
+    overshoot a limit. The per-peer cap keeps one address from taking every connection;
+    peers that are trusted proxies are exempt (all their clients arrive from them), and so
+    are Unix-socket peers. `metrics=None`: not exported.
+    """
+
+    def __init__(self, limit: int, per_peer: int = 0, exempt: Sequence[Network] = (), metrics=None) -> None:
         self.limit = limit
+        self.per_peer = per_peer
+        self.exempt = tuple(exempt)
         self.metrics = metrics
-        self._conns: set[ConnState] = set()
+        self._conns: dict[socket.socket, ConnState] = {}
+        self._peers: dict[str, int] = {}
         self._lock = threading.Lock()
 
-    def has_room(self) -> bool:
-        return len(self._conns) < self.limit
+    def _capped(self, peer: Optional[str]) -> bool:
+        return bool(self.per_peer) and peer is not None and not in_networks(peer, self.exempt)
 
-    def register(self, sock: socket.socket) -> ConnState:
-        state = ConnState(sock)
+    def admit(self, sock: socket.socket, peer: Optional[str]) -> Optional[HTTPError]:
+        """Register a new connection, or say why it is refused (then it is not registered)."""
+        capped = self._capped(peer)
         with self._lock:
-            self._conns.add(state)
-            if self.metrics is not None:
-                self.metrics.connections.set(len(self._conns))
-        return state
+            if len(self._conns) >= self.limit:
+                return TOO_MANY
+            if capped:
+                assert peer is not None
+                if self._peers.get(peer, 0) >= self.per_peer:
+                    return TOO_MANY_FROM_PEER
+                self._peers[peer] = self._peers.get(peer, 0) + 1
+            self._conns[sock] = ConnState(sock, peer if capped else None)
+            self._publish()
+        return None
+
+    def claim(self, sock: socket.socket) -> ConnState:
+        """The state `admit` made for this socket (a direct `serve` without admit registers it now)."""
+        with self._lock:
+            state = self._conns.get(sock)
+            if state is None:
+                state = self._conns[sock] = ConnState(sock, None)
+                self._publish()
+            return state
 
     def unregister(self, state: ConnState) -> None:
         with self._lock:
-            self._conns.discard(state)
-            if self.metrics is not None:
-                self.metrics.connections.set(len(self._conns))
+            if self._conns.pop(state.sock, None) is not None and state.peer is not None:
+                left = self._peers[state.peer] - 1
+                if left:
+                    self._peers[state.peer] = left
+                else:
+                    del self._peers[state.peer]
+            self._publish()
+
+    def _publish(self) -> None:
+        if self.metrics is not None:
+            self.metrics.connections.set(len(self._conns))
 
     def snapshot(self) -> list[ConnState]:
         with self._lock:
-            return list(self._conns)
+            return list(self._conns.values())
 
     def busy_count(self) -> int:
         return sum(1 for c in self.snapshot() if c.in_request)
@@ -166,17 +201,23 @@ class HmacfsServer(ThreadingHTTPServer):
             self.server_name, self.server_port = self.server_address[:2]
 
     def process_request(self, request, client_address) -> None:  # type: ignore[override]
-        if not self.conns.has_room():
+        peer = client_address[0] if isinstance(client_address, tuple) else None
+        refused = self.conns.admit(request, peer)
+        if refused is not None:
             if self.conns.metrics is not None:
                 self.conns.metrics.connections_refused.inc()
             try:
                 request.settimeout(1.0)
-                request.sendall(BUSY_RESPONSE)
+                request.sendall(refusal(refused, self.app.cors))
             except OSError:
                 pass
             self.shutdown_request(request)
             return
-        super().process_request(request, client_address)
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.conns.unregister(self.conns.claim(request))
+            raise
 
     def handle_error(self, request, client_address) -> None:  # type: ignore[override]
         log.debug("connection error from %s", client_address, exc_info=True)
@@ -217,7 +258,8 @@ class Service:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.app = App(config)
-        self.conns = ConnectionTable(config.server.maxconnections, self.app.metrics)
+        self.conns = ConnectionTable(config.server.maxconnections, config.server.maxconnectionsperip,
+                                     parse_networks(config.server.trustedproxies), self.app.metrics)
         self.access_log = AccessLog()
         self.server = HmacfsServer(config.listen, self.app, self.app.router, self.conns, self.access_log)
         self.metrics_server: Optional[HmacfsServer] = None

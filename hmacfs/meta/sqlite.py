@@ -18,7 +18,10 @@ import threading
 from collections import OrderedDict
 from typing import Optional
 
+from ..errors import StartupError, storage_full
 from .record import FileRecord
+
+SQLITE_FULL = 13
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
@@ -46,15 +49,23 @@ class SqliteMeta:
         self._cache: OrderedDict[str, FileRecord] = OrderedDict()
         self._cache_lock = threading.Lock()
         self._db_lock = threading.Lock()
-        self._db = sqlite3.connect(self.db_path, timeout=30, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA cache_size=-512")  # KiB; rows are small and hot ones are cached above
-        self._db.executescript(SCHEMA)
+        try:
+            self._db = sqlite3.connect(self.db_path, timeout=30, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA cache_size=-512")  # KiB; rows are small and hot ones are cached above
+            self._db.executescript(SCHEMA)
+        except sqlite3.Error as e:
+            raise StartupError(f"metadata database {db_path!r} cannot be opened for writing: {e}") from None
 
     def _execute(self, sql: str, params: tuple = ()) -> list[tuple]:
-        with self._db_lock:
-            return self._db.execute(sql, params).fetchall()
+        try:
+            with self._db_lock:
+                return self._db.execute(sql, params).fetchall()
+        except sqlite3.OperationalError as e:
+            if _is_full(e):
+                raise storage_full() from e
+            raise
 
     def get(self, path: str) -> Optional[FileRecord]:
         with self._cache_lock:
@@ -96,3 +107,9 @@ class SqliteMeta:
             "SELECT path, size, content_type, sha256, created, mtime_ns, expires, uploader "
             "FROM files WHERE expires IS NOT NULL AND expires <= ? LIMIT ?", (now, limit))
         return [FileRecord(*row) for row in rows]
+
+
+def _is_full(error: sqlite3.OperationalError) -> bool:
+    """SQLITE_FULL: the disk filled under the database (sqlite_errorcode exists from Python 3.11)."""
+    code = getattr(error, "sqlite_errorcode", None)
+    return code == SQLITE_FULL if code is not None else "is full" in str(error)

@@ -15,7 +15,8 @@ from urllib.parse import unquote_to_bytes
 from ..errors import HTTPError
 
 MAX_SEGMENT_BYTES = 255   # NAME_MAX on Linux filesystems
-MAX_PATH_BYTES = 4000     # below PATH_MAX with room for the storage root
+MAX_PATH_BYTES = 4000     # below PATH_MAX with room for the storage root (a long root lowers it)
+MAX_DEPTH = 64            # path segments; XMPP servers use 2 or 3
 
 
 class Target(NamedTuple):
@@ -77,11 +78,12 @@ def decode_segment(raw: bytes) -> str:
     return text
 
 
-def signed_path(raw_path: bytes, prefix: str) -> str:
+def signed_path(raw_path: bytes, prefix: str, max_bytes: int = MAX_PATH_BYTES) -> str:
     """The signed path of a request under `prefix` (e.g. "/upload/"): decoded, no leading slash.
 
     404 when the path is outside the prefix or is the prefix itself (no listings);
-    400 when a segment is unsafe.
+    400 when a segment is unsafe; 414 when the path is longer than `max_bytes` (decoded,
+    UTF-8) or deeper than MAX_DEPTH segments, before the filesystem would refuse it.
     """
     prefix_b = prefix.encode()
     if not raw_path.startswith(prefix_b):
@@ -89,9 +91,15 @@ def signed_path(raw_path: bytes, prefix: str) -> str:
     rest = raw_path[len(prefix_b):]
     if not rest:
         raise HTTPError(404, "not found")
-    if len(rest) > MAX_PATH_BYTES:
+    if len(rest) > 3 * max_bytes:  # a percent-escape is 3 bytes for 1
         raise HTTPError(414, "path too long")
-    return "/".join(decode_segment(seg) for seg in rest.split(b"/"))
+    raw_segments = rest.split(b"/")
+    if len(raw_segments) > MAX_DEPTH:
+        raise HTTPError(414, f"path too deep (more than {MAX_DEPTH} segments)")
+    path = "/".join(decode_segment(seg) for seg in raw_segments)
+    if len(path.encode("utf-8")) > max_bytes:
+        raise HTTPError(414, "path too long")
+    return path
 
 
 def extension_of(path: str) -> str:

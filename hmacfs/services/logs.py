@@ -10,7 +10,6 @@ import collections
 import json
 import logging
 import logging.handlers
-import re
 import sys
 import threading
 import time
@@ -62,12 +61,32 @@ def set_level(level: str) -> None:
     logging.getLogger("hmacfs").setLevel(LEVELS.get(level.lower(), logging.INFO))
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+def _escape(c: str) -> str:
+    o = ord(c)
+    if c == "\\":
+        return "\\\\"
+    if 0xDC80 <= o <= 0xDCFF:  # an undecodable byte (surrogateescape): show the byte itself
+        return f"\\x{o - 0xDC00:02x}"
+    if c.isprintable():
+        return c
+    if o < 0x100:
+        return f"\\x{o:02x}"
+    return f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}"
 
 
 def printable(text: str) -> str:
-    """Attacker-supplied text made safe for a log line (no control characters, no newlines)."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    """Attacker-supplied text made safe for a log line: every character that is not printable
+    (C0 and C1 controls, DEL, U+2028/U+2029 and other separators, format characters such as
+    bidi overrides, undecodable bytes) is escaped, and so is the backslash, so an escape in the
+    log is never ambiguous and no reader splitting lines sees a forged entry."""
+    if text.isprintable() and "\\" not in text:
+        return text
+    return "".join(_escape(c) for c in text)
+
+
+def printable_path(raw: bytes) -> str:
+    """A raw request path for the log: UTF-8 shown as text, anything else as escaped bytes."""
+    return printable(raw.decode("utf-8", "surrogateescape"))
 
 
 class AccessLog:
@@ -107,7 +126,7 @@ class AccessLog:
             while self._pending:
                 ts, client, method, raw_path, status, nbytes, seconds = self._pending.popleft()
                 ms = round(seconds * 1000.0, 3)
-                method, path = printable(method), printable(raw_path.decode("latin-1"))
+                method, path = printable(method), printable_path(raw_path)
                 record = self.logger.makeRecord(
                     self.logger.name, logging.INFO, __file__, 0, '%s "%s %s" %d %d %.1fms',
                     (client, method, path, status, nbytes, ms), None,

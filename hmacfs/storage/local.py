@@ -4,42 +4,80 @@ Strategy: a file becomes visible only complete. Bytes go to a private temp file 
 `.hmacfs/tmp/` (same filesystem), are fsync'd, then hard-linked to the final name:
 `link()` fails if the name exists, which gives O_EXCL semantics to racing uploads (one
 wins, the rest get 409) without a lock. The directory is fsync'd before success is
-reported. A crash leaves at worst an orphan temp file, swept at the next start.
+reported. The temp name stays until the caller has recorded the metadata, so a failed
+metadata write can take the file back (`retract`) and leave nothing. A crash leaves at
+worst an orphan temp file, swept at the next start.
+
+Writes walk the parent directories one component at a time from the root with
+`openat(O_NOFOLLOW)` and create what is missing there (`mkdirat`), so a symlink planted
+in the store can never make an upload create or write anything outside the root, and no
+status tells whether something exists outside it. Reads check that the parent resolves
+inside the root. One process owns a store: `.hmacfs/lock` is held with `flock` for the
+process lifetime, so a second server on the same directory refuses to start instead of
+sweeping the first one's temp files.
 Layout is that of prosody-filer, so an existing store directory can be adopted as is.
 """
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import secrets
 import stat
 import threading
 from typing import BinaryIO, Optional
 
+from ..errors import HTTPError, StartupError
+
 INTERNAL_DIR = ".hmacfs"
+PATH_MAX = 4096  # Linux: a longer path is ENAMETOOLONG in any system call
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+_DIR_FLAGS = os.O_RDONLY | _O_DIRECTORY | _O_NOFOLLOW | _O_CLOEXEC
 
 
-class PathConflict(Exception):
-    """The name is taken (a file exists, or a parent component is a file)."""
+class PathConflict(HTTPError):
+    """The name is taken (a file exists, or a parent component is a file): 409."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(409, "a file already exists at this path")
+        self.name = name
 
 
-class OutsideRoot(Exception):
-    """A path resolved outside the storage root (a symlink placed by someone with shell access)."""
+class OutsideRoot(HTTPError):
+    """A path passes through a symlink out of the root (planted by someone with shell access): 403.
+
+    The same answer whether or not anything exists there, so it reveals nothing outside."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(403, "this path leads outside the storage root")
+        self.name = name
 
 
 class LocalStore:
     """Plain files below a root directory."""
 
     def __init__(self, root: str) -> None:
-        os.makedirs(root, exist_ok=True)
-        self.root = os.path.realpath(root)
-        self.internal = os.path.join(self.root, INTERNAL_DIR)
-        self.tmp_dir = os.path.join(self.internal, "tmp")
-        os.makedirs(self.tmp_dir, mode=0o700, exist_ok=True)
+        try:
+            os.makedirs(root, exist_ok=True)
+            self.root = os.path.realpath(root)
+            self.internal = os.path.join(self.root, INTERNAL_DIR)
+            self.tmp_dir = os.path.join(self.internal, "tmp")
+            os.makedirs(self.tmp_dir, mode=0o700, exist_ok=True)
+            self._lock_fd = _lock_store(os.path.join(self.internal, "lock"))
+        except OSError as e:
+            raise StartupError(f"storage directory {root!r} is not usable: {e.strerror or e}") from None
+        # Longest signed path whose full name stays below PATH_MAX (a long root leaves less).
+        self.max_path_bytes = PATH_MAX - len(os.fsencode(self.root)) - 2
         self._safe_dirs: set[str] = set()
         self._lock = threading.Lock()
+
+    def close(self) -> None:
+        """Release the store (the lock goes with the process anyway)."""
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
 
     # -- naming ---------------------------------------------------------------------------------
 
@@ -69,29 +107,62 @@ class LocalStore:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, 0o644)
         return os.fdopen(fd, "wb", buffering=0), path
 
-    def commit(self, temp_path: str, signed_path: str) -> None:
-        """Make the fsync'd temp file visible at `signed_path`; PathConflict if the name is taken."""
-        final = self.full_path(signed_path)
-        parent = os.path.dirname(final)
+    def publish(self, temp_path: str, signed_path: str) -> None:
+        """Link the fsync'd temp file at `signed_path` (durably); PathConflict if the name is taken,
+        OutsideRoot if a parent is a symlink. The temp name stays: `discard_temp` or `retract` next."""
+        *parents, name = signed_path.split("/")
         for _attempt in range(3):
+            dir_fd = self._walk(parents)
             try:
-                os.makedirs(parent, exist_ok=True)
-            except (FileExistsError, NotADirectoryError):
-                raise PathConflict(signed_path) from None
-            self._check_dir_inside(parent)
-            try:
-                os.link(temp_path, final, follow_symlinks=False)
-                break
+                os.link(temp_path, name, dst_dir_fd=dir_fd, follow_symlinks=False)
+                os.fsync(dir_fd)
+                return
             except FileExistsError:
                 raise PathConflict(signed_path) from None
             except FileNotFoundError:
-                continue  # a concurrent delete pruned the new parent directory: make it again
+                continue  # a concurrent delete pruned a new parent directory: make it again
             except NotADirectoryError:
                 raise PathConflict(signed_path) from None
-        else:
-            raise PathConflict(signed_path)
-        fsync_dir(parent)
-        os.unlink(temp_path)
+            finally:
+                os.close(dir_fd)
+        raise PathConflict(signed_path)
+
+    def retract(self, temp_path: str, signed_path: str) -> None:
+        """Undo `publish` when what had to follow it failed: unlink the final name if it is still
+        the temp file's inode, then drop the temp file."""
+        final = self.full_path(signed_path)
+        try:
+            ours, there = os.stat(temp_path), os.lstat(final)
+            if (ours.st_dev, ours.st_ino) == (there.st_dev, there.st_ino):
+                os.unlink(final)
+                fsync_dir(os.path.dirname(final))
+        except OSError:
+            pass
+        self.discard_temp(temp_path)
+
+    def _walk(self, parents: list[str]) -> int:
+        """An fd of root/parents..., made where missing, walking without following symlinks."""
+        fd = os.open(self.root, _DIR_FLAGS)
+        try:
+            for name in parents:
+                try:
+                    os.mkdir(name, 0o755, dir_fd=fd)
+                except FileExistsError:
+                    pass
+                try:
+                    child = os.open(name, _DIR_FLAGS, dir_fd=fd)
+                except (NotADirectoryError, OSError) as e:
+                    if e.errno not in (errno.ENOTDIR, errno.ELOOP):
+                        raise
+                    if stat.S_ISLNK(os.lstat(name, dir_fd=fd).st_mode):
+                        raise OutsideRoot(name) from None
+                    raise PathConflict(name) from None
+                os.close(fd)
+                fd = child
+            return fd
+        except BaseException:
+            os.close(fd)
+            raise
 
     def discard_temp(self, temp_path: str) -> None:
         try:
@@ -111,8 +182,12 @@ class LocalStore:
     # -- reading --------------------------------------------------------------------------------
 
     def exists(self, signed_path: str) -> bool:
+        """Whether anything stands at `signed_path`; OutsideRoot when its parent resolves outside
+        the root (so the answer never reveals what exists elsewhere)."""
+        final = self.full_path(signed_path)
+        self._check_dir_inside(os.path.dirname(final))
         try:
-            os.lstat(self.full_path(signed_path))
+            os.lstat(final)
             return True
         except (FileNotFoundError, NotADirectoryError):
             return False
@@ -171,6 +246,21 @@ class LocalStore:
     def free_bytes(self) -> int:
         st = os.statvfs(self.root)
         return st.f_bavail * st.f_frsize
+
+
+def _lock_store(path: str) -> int:
+    """Hold `path` locked for the life of the process; StartupError if another process holds it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | _O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+        os.close(fd)
+        raise StartupError(f"storage directory {os.path.dirname(os.path.dirname(path))!r} is in use by "
+                           f"another hmacfs process (pid {holder}): one store, one server") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def _is_regular(st: os.stat_result) -> bool:

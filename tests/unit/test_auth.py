@@ -139,13 +139,21 @@ def test_jwt_wrong_key_alg_none_and_garbage_are_401_with_challenge() -> None:
         assert e.value.headers.get("WWW-Authenticate") == "Bearer"
 
 
-def test_chunked_v_checks_mac_after_body() -> None:
-    mac = "3c428543422e1df7c167ebb9f55ea60bd1506491baec382880dd84ce13fc7f77"
-    grant = auth.authorize_upload(SECRET, SECRET, facts({"v": mac}, length=None), 0)
-    grant.check_final_size(SECRET, 5)
+@pytest.mark.parametrize("protocol", ["v", "v2", "token"])
+def test_chunked_body_refused_before_the_mac_for_length_signing_protocols(protocol: str) -> None:
+    # Their MAC binds the length: a chunked body could only be checked after it was written.
+    for given in ("3c428543422e1df7c167ebb9f55ea60bd1506491baec382880dd84ce13fc7f77", "00"):
+        with pytest.raises(HTTPError) as e:
+            auth.authorize_upload(SECRET, SECRET, facts({protocol: given}, length=None), 0)
+        assert e.value.status == 411
+
+
+def test_jwt_grant_checks_the_final_size() -> None:
+    grant = auth.UploadGrant("jwt", size=5)
+    grant.check_final_size(5)
     with pytest.raises(HTTPError) as e:
-        grant.check_final_size(SECRET, 4)
-    assert e.value.status == 403
+        grant.check_final_size(4)
+    assert e.value.status == 413
 
 
 def test_delete_token_and_download_signature() -> None:
