@@ -15,6 +15,7 @@ loopback only, every wait bounded).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import hmac
 import http.client
@@ -96,38 +97,33 @@ class Server:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def health(port: int, source: str = "127.0.0.1", timeout: float = 10) -> tuple[str, float]:
-    """(status line or error, latency in ms) of GET /health from a given source address."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout, source_address=(source, 0))
+def timed(conn: http.client.HTTPConnection, method: str, url: str, body: bytes = b"") -> tuple[str, float]:
+    """(status line or error, latency in ms) of one request; the connection is closed after it."""
     t0 = time.monotonic()
     try:
-        conn.request("GET", "/health")
+        conn.request(method, url, body=body or None, headers={"Content-Type": "application/octet-stream"})
         resp = conn.getresponse()
         resp.read()
         status = f"{resp.status} {resp.reason}"
     except (OSError, http.client.HTTPException) as e:
-        status = f"timeout after {timeout:g} s" if isinstance(e, socket.timeout) else type(e).__name__
+        status = f"timeout after {conn.timeout:g} s" if isinstance(e, socket.timeout) else type(e).__name__
     finally:
         conn.close()
     return status, (time.monotonic() - t0) * 1000
+
+
+def health(port: int, source: str = "127.0.0.1", timeout: float = 10) -> tuple[str, float]:
+    """GET /health from a socket bound to the given source address."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout, source_address=(source, 0))
+    return timed(conn, "GET", "/health")
 
 
 def signed_put(port: int, size: int = 4096, timeout: float = 20) -> tuple[str, float]:
+    """A new 4 KiB upload signed with protocol v: HMAC-SHA256(secret, "<path> <size>")."""
     path = f"{uuid.uuid4()}/ok.bin"
     mac = hmac.new(SECRET.encode(), f"{path} {size}".encode(), hashlib.sha256).hexdigest()
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    t0 = time.monotonic()
-    try:
-        conn.request("PUT", f"/upload/{path}?v={mac}", body=os.urandom(size),
-                     headers={"Content-Type": "application/octet-stream"})
-        resp = conn.getresponse()
-        resp.read()
-        status = f"{resp.status} {resp.reason}"
-    except (OSError, http.client.HTTPException) as e:
-        status = f"timeout after {timeout:g} s" if isinstance(e, socket.timeout) else type(e).__name__
-    finally:
-        conn.close()
-    return status, (time.monotonic() - t0) * 1000
+    return timed(conn, "PUT", f"/upload/{path}?v={mac}", os.urandom(size))
 
 
 def read_for(sock: socket.socket, seconds: float) -> tuple[bytes, bool]:
@@ -148,7 +144,13 @@ def read_for(sock: socket.socket, seconds: float) -> tuple[bytes, bool]:
 
 
 def dir_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+    """Sum of the sizes of the files directly in `path` (files may vanish while we look)."""
+    total = 0
+    with contextlib.suppress(FileNotFoundError), os.scandir(path) as entries:
+        for entry in entries:
+            with contextlib.suppress(FileNotFoundError):
+                total += entry.stat().st_size if entry.is_file() else 0
+    return total
 
 
 def chunked_stall(repo: Path) -> dict[str, Any]:
@@ -163,12 +165,10 @@ def chunked_stall(repo: Path) -> dict[str, Any]:
                 data, is_open = read_for(s, 1.0)
                 first = data.split(b"\r\n", 1)[0].decode(errors="replace")[9:] or "(nothing)"
                 answers[first] = answers.get(first, 0) + 1
-                if is_open:
-                    try:
+                with contextlib.suppress(OSError):
+                    if is_open:
                         s.sendall(b"1000\r\n" + os.urandom(4096) + b"\r\n")
                         still_open += 1
-                    except OSError:
-                        pass
             time.sleep(0.5)
             tmp_bytes = dir_bytes(srv.storage / ".hmacfs" / "tmp")
             status, ms = signed_put(srv.port)
@@ -190,14 +190,14 @@ def poll_closed(socks: list[socket.socket], marks: tuple[float, ...], t0: float,
         while (left := t0 + mark - time.monotonic()) > 0 and closed < len(socks):
             for key, _ in sel.select(timeout=min(left, 0.5)):
                 try:
-                    gone = not key.fileobj.recv(65536)
+                    if key.fileobj.recv(65536):
+                        continue  # the server answered something; only EOF/reset counts as closed
                 except BlockingIOError:
-                    gone = False
+                    continue
                 except OSError:
-                    gone = True
-                if gone:
-                    sel.unregister(key.fileobj)
-                    closed += 1
+                    pass
+                sel.unregister(key.fileobj)
+                closed += 1
         out[f"closed_by_{mark:g}s"] = closed
     sel.close()
 
@@ -208,14 +208,9 @@ def silent_sockets(repo: Path, n: int) -> dict[str, Any]:
         failed, deadline = 0, time.monotonic() + 60
         try:
             while len(socks) + failed < n and time.monotonic() < deadline:
-                s = socket.socket()
-                s.settimeout(3)
                 try:
-                    s.bind(("127.0.0.1", 0))
-                    s.connect(("127.0.0.1", srv.port))
-                    socks.append(s)
+                    socks.append(socket.create_connection(("127.0.0.1", srv.port), 3, ("127.0.0.1", 0)))
                 except OSError:
-                    s.close()
                     failed += 1
             t0 = time.monotonic()
             closed: dict[str, int] = {}

@@ -161,12 +161,14 @@ class ConnectionHandler(BaseHTTPRequestHandler):
             pass
 
     def _refuse_raw(self, err: HTTPError) -> None:
-        """An error before a request could be parsed: the whole response, then close."""
+        """An error before a request could be parsed: the whole response, then a lingering close
+        (the client may still be sending the rest of its head)."""
+        self.server.app.metrics.requests.inc(1, "invalid", str(err.status))
         try:
             self.connection.sendall(refusal(err, self.server.app.cors))
         except OSError:
-            pass
-        self.server.app.metrics.requests.inc(1, "invalid", str(err.status))
+            return
+        self._linger()
 
     def _account(self, req: Request, ex: Exchange) -> None:
         elapsed = time.monotonic() - req.started

@@ -22,6 +22,7 @@ from ..errors import StartupError, storage_full
 from .record import FileRecord
 
 SQLITE_FULL = 13
+MAX_DB_PATH_BYTES = 504  # SQLite's unix VFS caps path names at 512 bytes, "-journal" included
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
@@ -45,6 +46,10 @@ class SqliteMeta:
 
     def __init__(self, db_path: str) -> None:
         self.db_path = db_path
+        if len(os.fsencode(db_path)) > MAX_DB_PATH_BYTES:
+            raise StartupError(f"the storage path is too long: SQLite cannot open {db_path!r} "
+                               f"({len(os.fsencode(db_path))} bytes, at most {MAX_DB_PATH_BYTES}); "
+                               "choose a shorter storagepath")
         os.makedirs(os.path.dirname(db_path), exist_ok=True)
         self._cache: OrderedDict[str, FileRecord] = OrderedDict()
         self._cache_lock = threading.Lock()

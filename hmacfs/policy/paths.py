@@ -5,10 +5,12 @@ slash can never create a segment boundary, then decode each segment as UTF-8 (ra
 UTF-8 bytes in the request line, lowercase and uppercase escapes all decode alike) and
 refuse anything that could name something other than a plain file below the storage
 root: `.`/`..`, empty segments, NUL and control characters, backslashes, encoded
-slashes and any segment that starts with a dot (`.hmacfs/` holds internal state).
+slashes, controls (C0, C1) and line separators (U+2028/2029), and any segment that
+starts with a dot (`.hmacfs/` holds internal state).
 """
 from __future__ import annotations
 
+import unicodedata
 from typing import NamedTuple
 from urllib.parse import unquote_to_bytes
 
@@ -16,6 +18,7 @@ from ..errors import HTTPError
 
 MAX_SEGMENT_BYTES = 255   # NAME_MAX on Linux filesystems
 MAX_PATH_BYTES = 4000     # below PATH_MAX with room for the storage root (a long root lowers it)
+_REFUSED_CATEGORIES = frozenset({"Cc", "Zl", "Zp"})  # C0/C1 controls, DEL, U+2028, U+2029
 MAX_DEPTH = 64            # path segments; XMPP servers use 2 or 3
 
 
@@ -73,8 +76,8 @@ def decode_segment(raw: bytes) -> str:
         raise HTTPError(400, "names starting with a dot are reserved")
     if "/" in text or "\\" in text:
         raise HTTPError(400, "encoded slash or backslash in path")
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
-        raise HTTPError(400, "control character in path")
+    if not text.isprintable() and any(unicodedata.category(c) in _REFUSED_CATEGORIES for c in text):
+        raise HTTPError(400, "control character or line separator in path")
     return text
 
 
