@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
 from typing import Optional
 
+from .catalog import Catalog
 from .config import Config
+from .errors import StartupError
 from .handlers.delete import handle_delete, handle_options
 from .handlers.download import handle_get
 from .handlers.service import handle_health, handle_metrics, handle_ready
@@ -19,9 +23,13 @@ from .http.router import Router
 from .meta import SqliteMeta
 from .pipeline import UploadPipeline
 from .policy.paths import MAX_PATH_BYTES
+from .policy.quotas import QuotaLimits
 from .services.hotcache import HotFiles
+from .services.janitor import Janitor
 from .services.metrics import ServerMetrics
+from .services.precache import precache
 from .services.workers import UploadGate, auto_workers
+from .storage.blobs import BlobStore
 from .storage.local import LocalStore
 
 log = logging.getLogger("hmacfs")
@@ -41,14 +49,54 @@ class App:
         if swept:
             log.info("removed %d incomplete upload(s) left by a previous run", swept)
         self.meta = SqliteMeta(os.path.join(self.store.internal, "meta.sqlite3"))
-        self.pipeline = UploadPipeline(self.store, self.meta)
+        self.keyring = load_keyring(config) if config.encryption.enabled else None
+        dedup = config.deduplication
+        self.blobs = (BlobStore(dedup.directory or os.path.join(self.store.internal, "blobs"), self.meta,
+                                self.store.root) if dedup.enabled else None)
+        if self.blobs is not None and not self.blobs.linkable:
+            log.warning("deduplication directory %s is on another filesystem than the store: paths are "
+                        "recorded as references to their blob (no hard links)", self.blobs.directory)
         self.hot = HotFiles()
+        self.catalog = Catalog(self.store, self.meta, self.blobs, on_remove=self.hot.discard)
+        versioning = config.versioning
+        self.pipeline = UploadPipeline(self.store, self.meta, self.blobs,
+                                       versioning.maxversions if versioning.enableversioning else None,
+                                       self.keyring)
+        q = config.quotas
+        self.quotas = QuotaLimits(q.peruser, q.perday, q.total, q.identity) if q.enabled else None
+        self.file_ttl = config.server.filettl if config.server.filettlenabled else None
         self.metrics = metrics or ServerMetrics()
+        self.metrics.watch_storage(self)
+        self.janitor = Janitor(self.store, self.meta, self.catalog, self.blobs, config.server.cleanupinterval,
+                               max(config.timeouts.readtimeout, 60.0) + 60.0, self.metrics)
+        self.warm = threading.Event()
         self.workers = (auto_workers() if config.server.autoadjustworkers else config.workers.numworkers)
         self.gate = UploadGate(self.workers, config.workers.uploadqueuesize, self.metrics)
         self.cors = CorsPolicy(config.cors.allowedorigins)
         self.draining = False
         self.router = self._routes()
+
+    def start_background(self) -> None:
+        """The janitor, and the precache warm-up (listening does not wait for it)."""
+        self.janitor.start()
+        if self.config.server.precaching:
+            threading.Thread(target=self._precache, name="precache", daemon=True).start()
+        else:
+            self.warm.set()
+
+    def stop_background(self) -> None:
+        self.janitor.stop()
+
+    def _precache(self) -> None:
+        started = time.monotonic()
+        try:
+            files = precache(self.store, self.meta)
+            log.info("precaching: %d file(s) and their directories warmed in %.1fs", files,
+                     time.monotonic() - started)
+        except Exception:
+            log.exception("precaching failed (the server works without it)")
+        finally:
+            self.warm.set()
 
     def _routes(self) -> Router:
         router = Router(self.prefix, min(MAX_PATH_BYTES, self.store.max_path_bytes))
@@ -78,3 +126,19 @@ class App:
         if changed:
             log.warning("config reload: changes in %s take effect after a restart", ", ".join(sorted(changed)))
         log.info("config reloaded: %d secret(s) active", len(self.secrets))
+
+
+def load_keyring(config: Config):
+    """The encryption keys, or a StartupError that says what is wrong (never the key material)."""
+    from .storage.aesgcm import CryptoUnavailable, load_libcrypto
+    from .storage.encrypted import KeyfileError, load_keyfile
+
+    try:
+        load_libcrypto()
+        keyring = load_keyfile(config.encryption.keyfile)
+    except (CryptoUnavailable, KeyfileError) as e:
+        raise StartupError(f"[encryption]: {e}") from None
+    for warning in getattr(keyring, "warnings", ()):
+        log.warning("[encryption] %s", warning)
+    log.info("encryption at rest on: new files are written under key %r", keyring.current_id)
+    return keyring

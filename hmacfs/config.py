@@ -41,7 +41,7 @@ class Key:
 
     section: str
     name: str
-    kind: str  # str bool int size duration list listen unixsocket secret
+    kind: str  # str bool int size optsize duration list listen unixsocket secret
     default: Any
     aliases: tuple[str, ...] = ()  # "alias" (same section) or "section.alias"
     help: str = ""
@@ -82,7 +82,8 @@ SCHEMA: tuple[Key, ...] = (
     _k("server", "maxconnectionsperip", "int", 64,
        help="open connections from one client address (0: no cap; trusted proxies are exempt)"),
     _k("server", "maxheaderbytes", "size", "64KB", help="request line + headers"),
-    _k("server", "cleanupinterval", "duration", "24h", compat=True),
+    _k("server", "cleanupinterval", "duration", "1h", "janitorinterval",
+       help="how often the janitor removes expired files, stale temp files and unreferenced blobs"),
     _k("server", "precacheworkers", "int", 4, compat=True),
     _k("server", "precacheinterval", "duration", "1h", compat=True),
     _k("server", "globalextensions", "list", [], compat=True),
@@ -134,6 +135,12 @@ SCHEMA: tuple[Key, ...] = (
     # [versioning]
     _k("versioning", "enableversioning", "bool", False, "server.enableversioning", "enabled"),
     _k("versioning", "maxversions", "int", 1, "server.maxversions"),
+    # [quotas]
+    _k("quotas", "enabled", "bool", False),
+    _k("quotas", "peruser", "optsize", "", help="stored bytes per uploader (current files and versions)"),
+    _k("quotas", "perday", "optsize", "", help="bytes one uploader may upload in 24 hours"),
+    _k("quotas", "total", "optsize", "", "global", help="stored bytes in all (`global` in the contract)"),
+    _k("quotas", "identity", "str", "jwt", help="jwt: the token's sub; firstsegment: the path's first segment"),
     # [uploads]
     _k("uploads", "maxuploadsize", "size", "100MB", "server.maxuploadsize", "maxfilesize"),
     _k("uploads", "allowedextensions", "list", []),
@@ -193,17 +200,12 @@ SECTIONS = tuple(dict.fromkeys(k.section for k in SCHEMA))
 # at start and by check-config.
 NOT_YET_IMPLEMENTED = {
     ("clamav", "clamavenabled"): "virus scanning (uploads are NOT scanned)",
-    ("deduplication", "enabled"): "deduplication",
-    ("versioning", "enableversioning"): "versioning (overwrites are refused with 409)",
-    ("server", "filettlenabled"): "TTL expiry of files (JWT 'expires' is honoured)",
-    ("encryption", "enabled"): "encryption at rest (files are stored in plain)",
     ("thumbnails", "enabled"): "thumbnails",
     ("iso", "enabled"): "ISO containers",
     ("redis", "redisenabled"): "Redis shared state",
     ("security", "ratelimitingenabled"): "rate limiting",
     ("security", "banenabled"): "IP bans",
     ("server", "networkevents"): "network event monitoring",
-    ("server", "precaching"): "precaching",
 }
 
 
@@ -288,6 +290,8 @@ def _convert(key: Key, value: Any) -> Any:
         return int(value)
     if kind == "size":
         return parse_size(value)
+    if kind == "optsize":  # "" or 0: no limit
+        return 0 if value in ("", None) else parse_size(value)
     if kind == "duration":
         return parse_duration(value)
     if kind == "list":
@@ -518,6 +522,15 @@ def _validate(config: Config) -> None:
     if sec.secret.lower() in PLACEHOLDER_SECRETS and not listen.is_loopback:
         raise ConfigError(f"[security] secret is the example placeholder {sec.secret!r}: "
                           "choose a long random secret (it is allowed only on loopback)")
+    q = config.quotas
+    if q.identity not in ("jwt", "firstsegment"):
+        raise ConfigError(f"[quotas] identity = {q.identity!r}: expected jwt or firstsegment")
+    if config.versioning.maxversions < 0:
+        raise ConfigError(f"[versioning] maxversions = {config.versioning.maxversions}: must not be negative")
+    if config.encryption.enabled and not config.encryption.keyfile:
+        raise ConfigError("[encryption] enabled = true needs keyfile: a file of '<id> <64 hex chars>' lines")
+    if config.server.cleanupinterval < 1:
+        raise ConfigError("[server] cleanupinterval: at least 1s")
     if config.storage.backend not in ("local", "s3"):
         raise ConfigError(f"[storage] backend = {config.storage.backend!r}: expected local or s3")
 
@@ -539,6 +552,7 @@ def render_effective(config: Config) -> str:
     """The effective config as TOML, secrets masked (for `check-config`)."""
     fmt: dict[str, Callable[[Any], str]] = {
         "size": lambda v: f'"{format_size(v)}"',
+        "optsize": lambda v: f'"{format_size(v)}"' if v else '""',
         "duration": lambda v: f'"{format_duration(v)}"',
     }
     out = [f"# effective configuration from {config.source}"]

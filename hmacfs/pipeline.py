@@ -1,23 +1,37 @@
-"""One upload's journey: stream -> hash -> temp file -> size check -> commit -> metadata.
+"""One upload's journey: stream -> hash (+ encrypt) -> temp file -> checks -> commit -> metadata.
 
-Strategy: this is the seam where later capabilities plug in without touching the HTTP
-handlers: virus scanning runs between the temp file and the commit, deduplication and
-versioning replace `commit`, encryption wraps the temp writer, thumbnails hook after the
-commit. The body source is anything with `readinto` (plain, chunked, tus PATCH).
+Strategy: this is the seam every capability plugs into without touching the HTTP
+handlers. `receive` hashes the plaintext while it streams (the sha256 is ready with the
+last byte, so deduplication needs no second pass) and, with encryption on, writes AES-GCM
+segments instead of plaintext. `commit` then runs the checks that need the whole body
+(signed size, quotas; virus scanning later), makes the bytes visible in one atomic step
+(a link; with deduplication a link to the content's blob; with versioning a rename over
+the old name after keeping it as a version) and records the metadata. Whatever fails
+after the bytes became visible takes them back out: an upload succeeds whole or leaves
+nothing. The body source is anything with `readinto` (plain, chunked, tus PATCH).
 """
 from __future__ import annotations
 
 import errno
 import hashlib
+import logging
 import os
+import threading
 import time
-from dataclasses import dataclass
-from typing import Callable, Optional, Protocol
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Callable, Iterator, Optional, Protocol
 
 from .errors import storage_full
 from .meta import FileRecord, MetaStore
-from .storage.local import LocalStore
+from .meta.record import VersionRecord
+from .storage.blobs import LINK_LIMIT_ERRNOS, BlobStore
+from .storage.local import LocalStore, PathConflict
 
+if TYPE_CHECKING:
+    from .storage.encrypted import Keyring
+
+log = logging.getLogger("hmacfs")
 SPACE_CHECK_BYTES = 1024 * 1024  # free space is re-checked after every MiB received
 _FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
@@ -33,86 +47,321 @@ class Received:
     """A body safely on disk in a private temp file, not yet visible."""
 
     temp_path: str
-    size: int
-    sha256: str
+    size: int          # plaintext bytes
+    sha256: str        # of the plaintext
+    encrypted: bool = False
 
 
-def receive(store: LocalStore, body: BodySource, buf: memoryview, reserve: int = 0,
-            expected: Optional[int] = None) -> Received:
-    """Stream `body` into a new temp file through `buf`, hashing as it goes; fsync at the end.
+@dataclass(frozen=True)
+class Upload:
+    """What the request says about the file being committed."""
 
-    Free space is re-checked as the body grows: once the bytes still to come (`expected`
-    minus what arrived; 0 when unknown, as for chunked bodies) would leave less than
-    `reserve` free, 507. A full disk (ENOSPC) is a 507 too. On any failure the temp file
-    is removed, so nothing partial survives.
-    """
-    f, temp_path = store.new_temp()
-    digest = hashlib.sha256()
-    size = 0
-    next_check = SPACE_CHECK_BYTES
-    try:
-        with f:
-            while True:
-                n = body.readinto(buf)
-                if not n:
-                    break
-                chunk = buf[:n]
-                digest.update(chunk)  # releases the GIL for large buffers
-                view = chunk
-                while view:
-                    written = f.write(view)
-                    view = view[written:]
-                size += n
-                if size >= next_check:
-                    next_check = size + SPACE_CHECK_BYTES
-                    to_come = expected - size if expected is not None else 0
-                    if store.free_bytes() - to_come < reserve:
-                        raise storage_full()
-            os.fsync(f.fileno())
-    except OSError as e:
-        store.discard_temp(temp_path)
-        if e.errno in _FULL_ERRNOS:
-            raise storage_full() from None
-        raise
-    except BaseException:
-        store.discard_temp(temp_path)
-        raise
-    return Received(temp_path, size, digest.hexdigest())
+    signed_path: str
+    content_type: str
+    expires: Optional[float] = None
+    uploader: Optional[str] = None
+
+
+class _Sink:
+    """Where received plaintext goes: the temp file as is, or through the segment encrypter."""
+
+    def __init__(self, f, keyring: Optional[Keyring], segment_size: int) -> None:
+        self.f = f
+        self.writer = None
+        if keyring is not None:
+            from .storage.encrypted import SegmentWriter
+
+            self.writer = SegmentWriter(f, keyring, segment_size)
+
+    def write(self, chunk: memoryview) -> None:
+        if self.writer is not None:
+            self.writer.write(chunk)
+            return
+        view = chunk
+        while view:
+            written = self.f.write(view)
+            view = view[written:]
+
+    def finish(self) -> None:
+        if self.writer is not None:
+            self.writer.finish()
 
 
 class UploadPipeline:
-    """Commits received uploads into storage and metadata."""
+    """Receives upload bodies and commits them into storage and metadata."""
 
-    def __init__(self, store: LocalStore, meta: MetaStore) -> None:
+    def __init__(self, store: LocalStore, meta: MetaStore, blobs: Optional[BlobStore] = None,
+                 keep_versions: Optional[int] = None, keyring: Optional[Keyring] = None,
+                 segment_size: int = 1024 * 1024) -> None:
         self.store = store
         self.meta = meta
+        self.blobs = blobs
+        self.keep_versions = keep_versions  # None: versioning off (an existing path is a 409)
+        self.keyring = keyring
+        self.segment_size = segment_size
+        self._path_locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
 
-    def commit(self, received: Received, signed_path: str, content_type: str,
-               expires: Optional[float], uploader: Optional[str],
-               before_commit: Optional[Callable[[Received], None]] = None) -> FileRecord:
-        """Make the upload visible at `signed_path` (409 if taken, 403 through a symlink out of the
-        root) with its metadata, or leave
-        nothing: a metadata write that fails takes the file back out, so the slot stays free."""
+    # -- receiving ------------------------------------------------------------------------------
+
+    def receive(self, body: BodySource, buf: memoryview, reserve: int = 0,
+                expected: Optional[int] = None) -> Received:
+        """Stream `body` into a new temp file through `buf`, hashing as it goes; fsync at the end.
+
+        Free space is re-checked as the body grows: once the bytes still to come (`expected`
+        minus what arrived; 0 when unknown, as for chunked bodies) would leave less than
+        `reserve` free, 507. A full disk (ENOSPC) is a 507 too. On any failure the temp file
+        is removed, so nothing partial survives.
+        """
+        store = self.store
+        f, temp_path = store.new_temp()
+        digest = hashlib.sha256()
+        size = 0
+        next_check = SPACE_CHECK_BYTES
         try:
-            if before_commit is not None:
-                before_commit(received)
-            st = os.stat(received.temp_path)
-            self.store.publish(received.temp_path, signed_path)
+            with f:
+                sink = _Sink(f, self.keyring, self.segment_size)
+                while True:
+                    n = body.readinto(buf)
+                    if not n:
+                        break
+                    chunk = buf[:n]
+                    digest.update(chunk)  # releases the GIL for large buffers
+                    sink.write(chunk)
+                    size += n
+                    if size >= next_check:
+                        next_check = size + SPACE_CHECK_BYTES
+                        to_come = expected - size if expected is not None else 0
+                        if store.free_bytes() - to_come < reserve:
+                            raise storage_full()
+                sink.finish()
+                os.fsync(f.fileno())
         except OSError as e:
-            self.store.discard_temp(received.temp_path)
+            store.discard_temp(temp_path)
             if e.errno in _FULL_ERRNOS:
                 raise storage_full() from None
             raise
         except BaseException:
-            self.store.discard_temp(received.temp_path)
+            store.discard_temp(temp_path)
             raise
-        record = FileRecord(path=signed_path, size=received.size, content_type=content_type,
-                            sha256=received.sha256, created=time.time(), mtime_ns=st.st_mtime_ns,
-                            expires=expires, uploader=uploader)
+        return Received(temp_path, size, digest.hexdigest(), self.keyring is not None)
+
+    # -- committing -----------------------------------------------------------------------------
+
+    @contextmanager
+    def _path_lock(self, path: str) -> Iterator[None]:
+        """Versioned writes to one path take turns (each keeps the one before as a version)."""
+        with self._locks_guard:
+            lock = self._path_locks.setdefault(path, threading.Lock())
+        with lock:
+            yield
+        with self._locks_guard:
+            if not lock.locked():
+                self._path_locks.pop(path, None)
+
+    def commit(self, received: Received, upload: Upload,
+               before_commit: Optional[Callable[[Received], None]] = None) -> FileRecord:
+        """Make the upload visible at its path with its metadata, or leave nothing.
+
+        409 when the path is taken and versioning is off; 403 through a symlink out of the
+        root; 507 when the disk fills on the way (the bytes are taken back out).
+        """
         try:
-            self.meta.put(record)
-        except BaseException:
-            self.store.retract(received.temp_path, signed_path)
+            if before_commit is not None:
+                before_commit(received)
+            if self.keep_versions is None:
+                return self._commit(received, upload, None)
+            with self._path_lock(upload.signed_path):
+                return self._commit(received, upload, self._current(upload.signed_path))
+        except OSError as e:
+            if e.errno in _FULL_ERRNOS:
+                raise storage_full() from None
             raise
-        self.store.discard_temp(received.temp_path)
+        finally:
+            self.store.discard_temp(received.temp_path)
+
+    def _current(self, path: str) -> Optional[FileRecord]:
+        """The record of what is at `path` now (rebuilt from the file if it has none), or None."""
+        record = self.meta.get(path)
+        if record is not None and (record.ref or self.store.stat(path) is not None):
+            return record
+        opened = self.store.open(path)
+        if opened is None:
+            return None
+        fd, st = opened
+        try:
+            return record_for_file(self.meta, path, record, fd, st)
+        finally:
+            os.close(fd)
+
+    def _commit(self, received: Received, upload: Upload, current: Optional[FileRecord]) -> FileRecord:
+        path = upload.signed_path
+        source, blob, ref = received.temp_path, None, False
+        if self.blobs is not None:
+            source = self.blobs.acquire(received.temp_path, received.sha256, received.size)
+            blob, ref = received.sha256, not self.blobs.linkable
+        try:
+            kept = self._keep_current(current) if current is not None else None
+            try:
+                ref = self._place(source, path, replace_existing=current is not None, ref=ref)
+                record = FileRecord(path=path, size=received.size, content_type=upload.content_type,
+                                    sha256=received.sha256, created=time.time(),
+                                    mtime_ns=0 if ref else os.stat(source).st_mtime_ns,
+                                    expires=upload.expires, uploader=upload.uploader,
+                                    version=current.version + 1 if current is not None else 1,
+                                    blob=blob, ref=ref, encrypted=received.encrypted)
+                self._record(record, kept, placed_from=None if ref else source)
+            except BaseException:
+                if kept is not None:
+                    self._restore(current, kept)
+                raise
+        except BaseException:
+            if blob is not None:
+                self.blobs.release(blob)  # type: ignore[union-attr]
+            raise
+        finally:
+            if blob is not None:
+                self.blobs.settle(blob)  # type: ignore[union-attr]
+        if kept is not None:
+            self._prune(path)
         return record
+
+    def _place(self, source: str, path: str, replace_existing: bool, ref: bool) -> bool:
+        """Make `source` visible at `path`; returns True when it became a metadata `ref` instead
+        (a blob that cannot be hard-linked there)."""
+        if ref:
+            if not replace_existing and self.store.exists(path):
+                raise PathConflict(path)
+            return True
+        try:
+            if replace_existing:
+                self.store.replace(source, path)
+            else:
+                self.store.publish(source, path)
+        except OSError as e:
+            if self.blobs is None or e.errno not in LINK_LIMIT_ERRNOS:
+                raise
+            log.info("blob of %s cannot be linked at its path (%s): recorded as a reference",
+                     path, os.strerror(e.errno or 0))
+            return self._place(source, path, replace_existing, ref=True)
+        return False
+
+    def _record(self, record: FileRecord, kept: Optional[VersionRecord], placed_from: Optional[str]) -> None:
+        """The metadata of a placed upload (and of the version it replaced), in one transaction;
+        on failure the placed file is taken back out."""
+        try:
+            with self.meta.transaction():
+                if kept is not None:
+                    self.meta.add_version(kept)
+                    self.meta.put(record)
+                elif not self.meta.put_new(record):
+                    if not record.ref and self._stale_row(record.path):
+                        self.meta.put(record)  # a row left behind by a file deleted outside hmacfs
+                    else:
+                        raise PathConflict(record.path)
+        except BaseException:
+            if placed_from is not None and kept is None:
+                self.store.retract(placed_from, record.path)
+            raise
+
+    def _stale_row(self, path: str) -> bool:
+        old = self.meta.get(path)
+        return old is not None and not old.ref
+
+    # -- versioning -----------------------------------------------------------------------------
+
+    def _keep_current(self, current: FileRecord) -> VersionRecord:
+        """Hard-link the current file under the versions directory before it is replaced."""
+        location = None
+        if not current.ref:
+            location = version_location(current.path, current.version)
+            dest = os.path.join(self.store.versions_dir, location)
+            os.makedirs(os.path.dirname(dest), mode=0o700, exist_ok=True)
+            try:
+                os.unlink(dest)  # left by a crash between this link and the metadata
+            except FileNotFoundError:
+                pass
+            os.link(self.store.full_path(current.path), dest, follow_symlinks=False)
+        return VersionRecord(path=current.path, version=current.version, size=current.size,
+                             content_type=current.content_type, sha256=current.sha256, created=current.created,
+                             uploader=current.uploader, blob=current.blob, location=location,
+                             encrypted=current.encrypted)
+
+    def _restore(self, current: Optional[FileRecord], kept: VersionRecord) -> None:
+        """Put the kept version back at its path after a failed replacement."""
+        if current is None or kept.location is None:
+            return
+        dest = os.path.join(self.store.versions_dir, kept.location)
+        try:
+            self.store.replace(dest, current.path)
+            os.unlink(dest)
+        except OSError:
+            log.exception("could not restore %s after a failed versioned upload", current.path)
+
+    def _prune(self, path: str) -> None:
+        for gone in self.meta.drop_versions(path, self.keep_versions or 0):
+            remove_version_bytes(self.store, self.blobs, gone)
+
+
+def version_location(path: str, version: int) -> str:
+    """Where version `version` of `path` lives below the versions directory (one folder a path)."""
+    key = hashlib.sha256(path.encode()).hexdigest()
+    return f"{key[:2]}/{key}/{version}"
+
+
+def remove_version_bytes(store: LocalStore, blobs: Optional[BlobStore], version: VersionRecord) -> None:
+    """Delete the bytes of a version whose row is gone (its file, and its blob reference)."""
+    if version.location is not None:
+        try:
+            os.unlink(os.path.join(store.versions_dir, version.location))
+        except FileNotFoundError:
+            pass
+    if version.blob is not None and blobs is not None:
+        blobs.release(version.blob)
+
+
+# -- metadata rebuilt from a file ------------------------------------------------------------------
+
+HASH_BLOCK = 1024 * 1024
+
+
+def hash_fd(fd: int, size: int) -> str:
+    """sha256 of an open file's first `size` bytes (pread: the fd's offset is left alone)."""
+    digest = hashlib.sha256()
+    offset = 0
+    while offset < size:
+        block = os.pread(fd, min(HASH_BLOCK, size - offset), offset)
+        if not block:
+            break
+        digest.update(block)
+        offset += len(block)
+    return digest.hexdigest()
+
+
+def record_for_file(meta: MetaStore, signed_path: str, record: Optional[FileRecord], fd: int,
+                    st: os.stat_result, guess_type: Optional[Callable[[str], str]] = None) -> FileRecord:
+    """A metadata row for a plain file that has none (adopted store, a crash between commit and
+    record) or whose row is stale (changed outside hmacfs): hashed once, then recorded."""
+    if record is not None and record_matches(record, st):
+        return record
+    if record is None:
+        from .http.httpmsg import guess_type as by_extension
+
+        rebuilt = FileRecord(path=signed_path, size=st.st_size, content_type=(guess_type or by_extension)(signed_path),
+                             sha256=hash_fd(fd, st.st_size), created=st.st_mtime, mtime_ns=st.st_mtime_ns)
+    else:
+        rebuilt = replace(record, size=st.st_size, sha256=hash_fd(fd, st.st_size), mtime_ns=st.st_mtime_ns,
+                          blob=None, ref=False, encrypted=False)
+    meta.put(rebuilt)
+    return rebuilt
+
+
+def record_matches(record: Optional[FileRecord], st: os.stat_result) -> bool:
+    """Is the row still about this file? Plain files: same size and mtime; encrypted ones (the
+    size on disk is not the plaintext size): the same mtime."""
+    if record is None:
+        return False
+    if record.encrypted:
+        return record.mtime_ns == st.st_mtime_ns
+    return record.size == st.st_size and record.mtime_ns in (0, st.st_mtime_ns)
+

@@ -19,11 +19,8 @@ def handle_delete(app: App, ex: Exchange, signed_path: str) -> None:
     facts = request_facts(app, ex, signed_path, None)
     with auth_failures_counted(app):
         auth.authorize_delete(app.secrets, app.delete_secret, facts, time.time())
-    if not app.store.delete(signed_path):
-        app.meta.delete(signed_path)
+    if not app.catalog.remove(signed_path):  # the file, its versions and its blob references
         raise HTTPError(404, "not found")
-    app.meta.delete(signed_path)
-    app.hot.discard(signed_path)
     app.metrics.deletes.inc()
     ex.send(204)
 

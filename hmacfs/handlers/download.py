@@ -1,16 +1,23 @@
-"""GET/HEAD: metadata, conditionals and ranges, then the bytes via sendfile.
+"""GET/HEAD: metadata, conditionals and ranges, then the bytes (sendfile, or decrypted segments).
 
 A file without a metadata row (adopted prosody-filer store, or a crash between commit and
 insert) is hashed once on first access and recorded, so ETags stay strong content hashes.
+`?versions` lists the kept versions of a path (JSON) and `?version=N` serves one; an
+expired file is a 410 (and is removed at once). Encrypted files are decrypted segment by
+segment, only those a Range touches, each authenticated before a byte of it is sent; a
+segment that fails later cuts the connection, so a client never takes altered bytes for
+a complete download.
 """
 from __future__ import annotations
 
-import hashlib
+import json
+import logging
 import os
 import time
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 from .. import auth
+from ..digits import parse_decimal
 from ..errors import HTTPError
 from ..http.exchange import Exchange
 from ..http.httpmsg import (
@@ -24,54 +31,24 @@ from ..http.httpmsg import (
     strong_etag,
 )
 from ..meta import FileRecord
+from ..meta.record import VersionRecord
+from ..pipeline import record_for_file, record_matches
 from ..services.hotcache import Identity
 from .common import auth_failures_counted, request_facts
 
 if TYPE_CHECKING:
     from ..app import App
 
-HASH_BLOCK = 1024 * 1024
+log = logging.getLogger("hmacfs")
 IMMUTABLE_MAX_AGE = 31536000
 
 
-def hash_fd(fd: int, size: int) -> str:
-    """sha256 of an open file's first `size` bytes (pread: the fd's offset is left alone)."""
-    digest = hashlib.sha256()
-    offset = 0
-    while offset < size:
-        block = os.pread(fd, min(HASH_BLOCK, size - offset), offset)
-        if not block:
-            break
-        digest.update(block)
-        offset += len(block)
-    return digest.hexdigest()
-
-
-def current_record(app: App, signed_path: str, record: Optional[FileRecord], fd: int,
-                   st: os.stat_result) -> FileRecord:
-    """The metadata row, rebuilt from the file if missing or stale (changed outside hmacfs)."""
-    if record is not None and _record_matches(record, st):
-        return record
-    rebuilt = FileRecord(path=signed_path, size=st.st_size,
-                         content_type=record.content_type if record else guess_type(signed_path),
-                         sha256=hash_fd(fd, st.st_size), created=record.created if record else st.st_mtime,
-                         mtime_ns=st.st_mtime_ns, expires=record.expires if record else None,
-                         uploader=record.uploader if record else None)
-    app.meta.put(rebuilt)
-    return rebuilt
-
-
 def expire_if_due(app: App, signed_path: str, record: Optional[FileRecord]) -> None:
-    """410 (and delete) when the file's own expiry time has passed."""
+    """410 (and removal, versions included) when the file's own expiry time has passed."""
     if record is not None and record.expires is not None and record.expires <= time.time():
-        app.store.delete(signed_path)
-        app.meta.delete(signed_path)
-        app.hot.discard(signed_path)
+        app.catalog.remove(signed_path)
+        app.metrics.expired_removed.inc()
         raise HTTPError(410, "this file has expired")
-
-
-def _record_matches(record: Optional[FileRecord], st: os.stat_result) -> bool:
-    return record is not None and record.size == st.st_size and record.mtime_ns in (0, st.st_mtime_ns)
 
 
 def handle_get(app: App, ex: Exchange, signed_path: str) -> None:
@@ -81,7 +58,12 @@ def handle_get(app: App, ex: Exchange, signed_path: str) -> None:
             auth.authorize_download(app.secrets, request_facts(app, ex, signed_path, None), time.time())
     record = app.meta.get(signed_path)
     expire_if_due(app, signed_path, record)
-    if not _serve_cached(app, ex, signed_path, record):
+    query = ex.req.query
+    if "versions" in query:
+        _list_versions(app, ex, signed_path, record)
+    elif "version" in query:
+        _serve_version(app, ex, signed_path, record, query["version"])
+    elif (record is not None and (record.ref or record.encrypted)) or not _serve_cached(app, ex, signed_path, record):
         _serve_opened(app, ex, signed_path, record)
     if ex.status in (200, 206):
         app.metrics.downloads.inc(1, str(ex.status))
@@ -90,44 +72,93 @@ def handle_get(app: App, ex: Exchange, signed_path: str) -> None:
 
 
 def _serve_cached(app: App, ex: Exchange, signed_path: str, record: Optional[FileRecord]) -> bool:
-    """Serve a small file from the hot cache after one lstat; False on a miss."""
+    """Serve a small plain file from the hot cache after one lstat; False on a miss."""
     st = app.store.stat(signed_path)
-    if st is None or st.st_size > app.hot.max_file or not _record_matches(record, st):
+    if st is None or st.st_size > app.hot.max_file or not record_matches(record, st):
         return False
     data = app.hot.get(signed_path, Identity.of(st))
     if data is None:
         return False
+    assert record is not None
     _serve(app, ex, signed_path, record, st, data=data)
     return True
 
 
 def _serve_opened(app: App, ex: Exchange, signed_path: str, record: Optional[FileRecord]) -> None:
-    opened = app.store.open(signed_path)
+    opened = app.catalog.open_current(signed_path, record)
     if opened is None:
+        if record is not None and record.ref:
+            raise HTTPError(500, "the stored bytes of this file are missing")
         raise HTTPError(404, "not found")
     fd, st = opened
     try:
-        record = current_record(app, signed_path, record, fd, st)
-        if st.st_size <= app.hot.max_file:
-            data = os.pread(fd, st.st_size, 0)
-            app.hot.put(signed_path, Identity.of(st), data)
-            _serve(app, ex, signed_path, record, st, data=data)
-        else:
-            _serve(app, ex, signed_path, record, st, fd=fd)
+        if record is None or not (record.ref or record.encrypted):
+            record = record_for_file(app.meta, signed_path, record, fd, st)
+            if st.st_size <= app.hot.max_file:
+                data = os.pread(fd, st.st_size, 0)
+                app.hot.put(signed_path, Identity.of(st), data)
+                _serve(app, ex, signed_path, record, st, data=data)
+                return
+        _serve(app, ex, signed_path, record, st, fd=fd)
     finally:
         os.close(fd)
 
 
+def _serve_version(app: App, ex: Exchange, signed_path: str, record: Optional[FileRecord], text: str) -> None:
+    number = parse_decimal(text, 9)
+    if number is None or number < 1:
+        raise HTTPError(400, "version must be a positive whole number")
+    if record is not None and number == record.version:
+        _serve_opened(app, ex, signed_path, record)
+        return
+    version = next((v for v in app.meta.versions(signed_path) if v.version == number), None)
+    if version is None:
+        raise HTTPError(404, f"no version {number} of this file")
+    opened = app.catalog.open_version(version)
+    if opened is None:
+        raise HTTPError(500, "the stored bytes of this version are missing")
+    fd, st = opened
+    try:
+        _serve(app, ex, signed_path, _as_record(version), st, fd=fd, cache="private, no-cache")
+    finally:
+        os.close(fd)
+
+
+def _as_record(v: VersionRecord) -> FileRecord:
+    return FileRecord(path=v.path, size=v.size, content_type=v.content_type, sha256=v.sha256, created=v.created,
+                      uploader=v.uploader, version=v.version, blob=v.blob, encrypted=v.encrypted)
+
+
+def _list_versions(app: App, ex: Exchange, signed_path: str, record: Optional[FileRecord]) -> None:
+    if record is None and app.store.stat(signed_path) is None:
+        raise HTTPError(404, "not found")
+    entries = [{"version": v.version, "size": v.size, "sha256": v.sha256, "content_type": v.content_type,
+                "created": _iso(v.created), "current": False} for v in app.meta.versions(signed_path)]
+    if record is not None:
+        entries.append({"version": record.version, "size": record.size, "sha256": record.sha256,
+                        "content_type": record.content_type, "created": _iso(record.created), "current": True})
+    body = json.dumps({"path": signed_path, "versions": entries}, ensure_ascii=False).encode()
+    ex.send(200, [("Cache-Control", "no-store")], body, "application/json")
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
 def _serve(app: App, ex: Exchange, signed_path: str, record: FileRecord, st: os.stat_result,
-           fd: Optional[int] = None, data: Optional[bytes] = None) -> None:
-    """Conditionals, Range and headers, then the body from `data` (small files) or `fd`."""
+           fd: Optional[int] = None, data: Optional[bytes] = None, cache: Optional[str] = None) -> None:
+    """Conditionals, Range and headers, then the body from `data` (small files), `fd`, or the
+    decrypted segments of `fd` (encrypted files)."""
+    reader = _reader(app, signed_path, fd, st) if record.encrypted else None
+    size = reader.plaintext_size if reader is not None else st.st_size
     headers = ex.req.headers
     etag = strong_etag(record.sha256)
     mtime = st.st_mtime
-    if record.expires is not None:
-        cache = f"public, max-age={max(0, int(record.expires - time.time()))}"
-    else:
-        cache = f"public, max-age={IMMUTABLE_MAX_AGE}, immutable"
+    if cache is None:
+        if record.expires is not None:
+            cache = f"public, max-age={max(0, int(record.expires - time.time()))}"
+        else:
+            cache = f"public, max-age={IMMUTABLE_MAX_AGE}, immutable"
     common = [("ETag", etag), ("Last-Modified", http_date(mtime)), ("Cache-Control", cache),
               ("Accept-Ranges", "bytes" if app.config.downloads.resumabledownloadsenabled else "none")]
     if not_modified(headers.get("if-none-match"), headers.get("if-modified-since"), etag, mtime):
@@ -139,7 +170,6 @@ def _serve(app: App, ex: Exchange, signed_path: str, record: FileRecord, st: os.
         content_type += "; charset=utf-8"
     filename = signed_path.rsplit("/", 1)[-1]
     common += [("Content-Type", content_type), ("Content-Disposition", content_disposition(filename, content_type))]
-    size = st.st_size
     span = None
     if app.config.downloads.resumabledownloadsenabled and range_applies(headers.get("if-range"), etag, mtime):
         span = parse_range(headers.get("range"), size)
@@ -147,8 +177,46 @@ def _serve(app: App, ex: Exchange, signed_path: str, record: FileRecord, st: os.
     if span is not None:
         status, (first, last) = 206, span
         common.append(("Content-Range", f"bytes {first}-{last}/{size}"))
-    if data is not None:
+    if reader is not None:
+        _send_decrypted(app, ex, signed_path, status, common, reader, first, last)
+    elif data is not None:
         ex.send(status, common, data[first:last + 1] if span is not None else data)
     else:
         assert fd is not None
         ex.send_file(status, common, fd, first, last - first + 1)
+
+
+def _reader(app: App, signed_path: str, fd: Optional[int], st: os.stat_result):
+    from ..storage.encrypted import CorruptFile, SegmentReader, UnknownKey
+
+    if app.keyring is None:
+        log.error("%r is stored encrypted but [encryption] is off: it cannot be served", signed_path)
+        raise HTTPError(500, "this file is stored encrypted and encryption is not configured")
+    assert fd is not None
+    try:
+        return SegmentReader(fd, app.keyring, st.st_size)
+    except UnknownKey as e:
+        log.error("%r is encrypted under key %s, which is not in the keyfile", signed_path, e)
+        raise HTTPError(500, "this file is encrypted under a key this server does not have") from None
+    except CorruptFile as e:
+        log.error("%r is not a valid encrypted file: %s", signed_path, e)
+        raise HTTPError(500, "the stored file is damaged") from None
+
+
+def _send_decrypted(app: App, ex: Exchange, signed_path: str, status: int, headers: list[tuple[str, str]],
+                    reader, first: int, last: int) -> None:
+    from ..storage.encrypted import TamperedError
+
+    def pieces() -> Iterator[memoryview]:
+        try:
+            yield from reader.iter_range(first, last) if last >= first else iter(())
+        except TamperedError as e:
+            app.metrics.tampered.inc()
+            log.error("%r failed authentication (%s): %s", signed_path, e,
+                      "download cut" if ex.responded else "refused")
+            if ex.responded:
+                ex.close_after = True
+                raise ConnectionAbortedError("encrypted segment failed authentication") from None
+            raise HTTPError(500, "the stored file failed its integrity check") from None
+
+    ex.send_stream(status, headers, last - first + 1, pieces())

@@ -16,8 +16,11 @@ def handle_health(app: App, ex: Exchange) -> None:
 
 
 def handle_ready(app: App, ex: Exchange) -> None:
+    """Ready for traffic: not draining, and the precache warm-up (when on) is done."""
     if app.draining:
         raise HTTPError(503, "shutting down", {"Retry-After": "5"})
+    if not app.warm.is_set():
+        raise HTTPError(503, "warming up (precaching)", {"Retry-After": "1"})
     handle_health(app, ex)
 
 

@@ -4,8 +4,10 @@ Order of checks (all before `100 Continue`, so a refused client never sends its 
 nothing is written and no worker slot is held for a request that is not authorized):
 framing (411; a chunked body only for v3 and JWT) -> signature (401/403/410/413) -> size
 limit (413) -> extension (415) -> existing file (409; 403 through a symlink out of the root)
--> free space (507) -> worker slot (503). As the body arrives, the size limit and the free
-space are enforced again (413/507), and the upload is committed whole or not at all.
+-> free space (507) -> quotas (507 naming the quota) -> worker slot (503). As the body
+arrives, the size limit and the free space are enforced again (413/507), and the upload
+is committed whole or not at all. With versioning on, an existing file is kept as a
+version instead of a 409.
 """
 from __future__ import annotations
 
@@ -14,11 +16,14 @@ from typing import TYPE_CHECKING, Optional, Union
 from urllib.parse import quote
 
 from .. import auth, pipeline
+from ..auth import MAX_EXPIRES_DIGITS
+from ..digits import parse_decimal
 from ..errors import HTTPError, storage_full
 from ..http.body import ChunkedBody, LengthBody
 from ..http.exchange import Exchange
 from ..http.httpmsg import clean_content_type, guess_type, strong_etag
 from ..policy.paths import extension_allowed
+from ..policy.quotas import DAY, Standing, exceeded, refusal, uploader_of
 from ..storage.local import PathConflict
 from .common import auth_failures_counted, request_facts
 
@@ -54,21 +59,29 @@ def _put(app: App, ex: Exchange, signed_path: str):
     cfg = app.config
     length = body_framing(ex)
     facts = request_facts(app, ex, signed_path, length)
+    now = time.time()
     with auth_failures_counted(app):
-        grant = auth.authorize_upload(app.secrets, app.jwt_secrets, facts, time.time())
+        grant = auth.authorize_upload(app.secrets, app.jwt_secrets, facts, now)
     declared = length if length is not None else grant.size
     limit = cfg.uploads.maxuploadsize
     if declared is not None and declared > limit:
         raise HTTPError(413, f"upload of {declared} bytes exceeds the limit of {limit} bytes")
     if not extension_allowed(signed_path, cfg.uploads.allowedextensions, cfg.uploads.blockedextensions):
         raise HTTPError(415, "file extension not allowed")
-    if app.store.exists(signed_path):  # OutsideRoot (403) when the parent leads out of the root
+    # OutsideRoot (403) when the parent leads out of the root; with versioning a file there is kept
+    if app.store.exists(signed_path) and app.pipeline.keep_versions is None:
         raise PathConflict(signed_path)
     if app.store.free_bytes() - (declared or 0) < cfg.server.minfreebytes:
         raise storage_full()
+    uploader = uploader_of(cfg.quotas.identity, grant.uploader, signed_path)
+    check_quotas(app, uploader, declared or 0, now)
 
-    content_type = (clean_content_type(grant.content_type) or clean_content_type(facts.content_type)
-                    or guess_type(signed_path))
+    upload = pipeline.Upload(
+        signed_path=signed_path,
+        content_type=(clean_content_type(grant.content_type) or clean_content_type(facts.content_type)
+                      or guess_type(signed_path)),
+        expires=file_expiry(now, app.file_ttl, grant, ex.req.headers.get("x-hmacfs-expires")),
+        uploader=uploader)
     with app.gate.slot(declared) as buf:
         ex.send_continue()
         body: Union[LengthBody, ChunkedBody]
@@ -77,9 +90,47 @@ def _put(app: App, ex: Exchange, signed_path: str):
         else:
             body = ChunkedBody(ex.req.rfile, grant.size if grant.size is not None else limit)
         try:
-            received = pipeline.receive(app.store, body, buf, cfg.server.minfreebytes, declared)
+            received = app.pipeline.receive(body, buf, cfg.server.minfreebytes, declared)
         finally:
             ex.req.body_consumed = body.complete
-        record = app.pipeline.commit(received, signed_path, content_type, grant.file_expires, grant.uploader,
-                                     before_commit=lambda r: grant.check_final_size(r.size))
+
+        def before_commit(r: pipeline.Received) -> None:
+            grant.check_final_size(r.size)
+            if length is None:  # a chunked body's size is known only now
+                check_quotas(app, uploader, r.size, now)
+
+        record = app.pipeline.commit(received, upload, before_commit)
+    if uploader is not None and app.quotas is not None and app.quotas.per_day:
+        app.meta.log_upload(uploader, now, record.size)
     return record, grant
+
+
+def check_quotas(app: App, uploader: Optional[str], size: int, now: float) -> None:
+    """507 naming the quota when `size` more bytes would exceed one (nothing is read or stored)."""
+    limits = app.quotas
+    if limits is None:
+        return
+    standing = Standing(
+        user_bytes=app.meta.usage(uploader).bytes if uploader and limits.per_user else 0,
+        day_bytes=app.meta.bytes_since(uploader, now - DAY) if uploader and limits.per_day else 0,
+        total_bytes=app.meta.total_bytes() if limits.total else 0)
+    quota = exceeded(limits, standing, size, uploader is not None)
+    if quota is not None:
+        app.metrics.quota_refusals.inc(1, quota)
+        raise refusal(quota, limits, standing, size)
+
+
+def file_expiry(now: float, ttl: Optional[float], grant: auth.UploadGrant, header: Optional[str]) -> Optional[float]:
+    """The file's own expiry: the earliest of the global TTL, the JWT `expires` claim and, for v3
+    uploads (whose URL already chose the path and the time), an `X-Hmacfs-Expires` header."""
+    candidates = []
+    if ttl is not None:
+        candidates.append(now + ttl)
+    if grant.file_expires is not None:
+        candidates.append(float(grant.file_expires))
+    if header is not None and grant.protocol == "v3":
+        at = parse_decimal(header.strip(), MAX_EXPIRES_DIGITS)
+        if at is None:
+            raise HTTPError(400, "X-Hmacfs-Expires must be a unix time in whole seconds")
+        candidates.append(float(at))
+    return min(candidates) if candidates else None

@@ -12,7 +12,7 @@ import io
 import os
 import socket
 import time
-from typing import Iterable, Optional, Protocol
+from typing import Iterable, Iterator, Optional, Protocol
 
 from ..errors import HTTPError, reason
 from .head import RequestHead
@@ -25,7 +25,7 @@ EXPOSE_HEADERS = ("Location, Upload-Offset, Upload-Length, Upload-Expires, Tus-R
                   "Content-Length, Content-Disposition")
 ALLOW_HEADERS = ("Authorization, Content-Type, Content-Range, Range, If-None-Match, If-Modified-Since, "
                  "If-Range, Tus-Resumable, Upload-Length, Upload-Metadata, Upload-Offset, "
-                 "Upload-Checksum, Upload-Concat, Upload-Defer-Length, X-Requested-With, "
+                 "Upload-Checksum, Upload-Concat, Upload-Defer-Length, X-Requested-With, X-Hmacfs-Expires, "
                  "X-HTTP-Method-Override")
 _MSG_MORE = getattr(socket, "MSG_MORE", 0)
 
@@ -189,6 +189,32 @@ class Exchange:
         if self.unread_body_forces_close():
             self.close_after = True
         self.send(err.status, list(err.headers.items()), body, "text/plain; charset=utf-8")
+
+    def send_stream(self, status: int, headers: list[tuple[str, str]], length: int,
+                    pieces: Iterator[memoryview]) -> None:
+        """Headers then `length` bytes produced by `pieces`. The first piece is produced before
+        the headers go out, so an error there is still a clean error response; an error after
+        that can only cut the connection (the client sees a short body, never a complete one)."""
+        head = self._head(status, headers, length)
+        if self.req.method == "HEAD":
+            self.sock.sendall(head)
+            self.status = status
+            return
+        first = next(pieces, b"")
+        self.status = status
+        try:
+            self.sock.sendall(head + bytes(first))
+            sent = len(first)
+            for piece in pieces:
+                self.sock.sendall(piece)
+                sent += len(piece)
+        except BaseException:
+            self.close_after = True
+            raise
+        self.body_bytes = sent
+        if sent != length:
+            self.close_after = True
+            raise ConnectionError(f"stream ended after {sent} of {length} bytes")
 
     def send_file(self, status: int, headers: list[tuple[str, str]], fd: int, offset: int, length: int) -> None:
         """Headers then `length` bytes of `fd` from `offset`: in one write when small, else sendfile."""

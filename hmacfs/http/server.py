@@ -293,6 +293,7 @@ class Service:
                                     name=f"accept-{i}", daemon=True) for i, s in enumerate(servers)]
         threads.append(threading.Thread(target=self._watchdog, name="watchdog", daemon=True))
         self.access_log.start()
+        self.app.start_background()
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self.request_stop)
             signal.signal(signal.SIGINT, self.request_stop)
@@ -343,6 +344,7 @@ class Service:
                     os.unlink(s.listen.unix_path)
                 except FileNotFoundError:
                     pass
+        self.app.stop_background()
         self.access_log.close()
         log.info("stopped")
         return 0

@@ -1,32 +1,76 @@
-"""What hmacfs knows about a stored file, and what handlers need from a metadata backend.
+"""What hmacfs knows about a stored file, and what the pipeline needs from a metadata backend.
 
 Strategy: the file on disk is the truth about *whether* a file exists; the metadata row
-says what it is. The backends (SQLite here; Redis in cluster mode) implement `MetaStore`.
+says what it is. Two exceptions, both recorded in the row: a deduplicated file whose
+blob could not be hard-linked at its path (`ref`: the row points at the blob), and old
+versions (their bytes live under `.hmacfs/versions/`). The backends (SQLite here; Redis
+in cluster mode) implement `MetaStore`; the pipeline and handlers use only that.
 """
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Optional, Protocol
 
 
 @dataclass(frozen=True)
 class FileRecord:
-    """What hmacfs knows about one stored file."""
+    """What hmacfs knows about one stored file (its current version)."""
 
     path: str
-    size: int
+    size: int                  # plaintext bytes
     content_type: str
-    sha256: str
+    sha256: str                # of the plaintext
     created: float
     mtime_ns: int = 0          # the file's mtime when the row was written: detects outside edits
     expires: Optional[float] = None
     uploader: Optional[str] = None
+    version: int = 1           # number of this version (older ones are in `versions`)
+    blob: Optional[str] = None  # sha256 of the blob holding the bytes, when deduplicated
+    ref: bool = False          # no file at the path: the bytes are read from the blob
+    encrypted: bool = False    # the bytes on disk are AES-GCM segments (storage/encrypted.py)
+
+
+@dataclass(frozen=True)
+class VersionRecord:
+    """An older version of a path, kept by versioning."""
+
+    path: str
+    version: int
+    size: int
+    content_type: str
+    sha256: str
+    created: float
+    uploader: Optional[str] = None
+    blob: Optional[str] = None
+    location: Optional[str] = None  # file below the versions directory; None: read from the blob
+    encrypted: bool = False
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Stored bytes and files of one uploader (current files and kept versions), logical sizes."""
+
+    uploader: str
+    files: int
+    bytes: int
 
 
 class MetaStore(Protocol):
-    """What handlers need from a metadata backend (SQLite here; Redis in cluster mode)."""
+    """What the pipeline, the handlers and the janitor need from a metadata backend."""
 
     def get(self, path: str) -> Optional[FileRecord]: ...
     def put(self, record: FileRecord) -> None: ...
+    def put_new(self, record: FileRecord) -> bool: ...
     def delete(self, path: str) -> None: ...
     def expired(self, now: float, limit: int = 1000) -> list[FileRecord]: ...
+    def transaction(self) -> AbstractContextManager[None]: ...
+    def blob_acquire(self, sha256: str, size: int) -> int: ...
+    def blob_release(self, sha256: str) -> int: ...
+    def versions(self, path: str) -> list[VersionRecord]: ...
+    def add_version(self, version: VersionRecord) -> None: ...
+    def drop_versions(self, path: str, keep: int) -> list[VersionRecord]: ...
+    def usage(self, uploader: str) -> Usage: ...
+    def total_bytes(self) -> int: ...
+    def bytes_since(self, uploader: str, since: float) -> int: ...
+    def log_upload(self, uploader: str, at: float, size: int) -> None: ...

@@ -16,15 +16,22 @@ import os
 import sqlite3
 import threading
 from collections import OrderedDict
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 from ..errors import StartupError, storage_full
-from .record import FileRecord
+from .record import FileRecord, Usage, VersionRecord
 
 SQLITE_FULL = 13
 MAX_DB_PATH_BYTES = 504  # SQLite's unix VFS caps path names at 512 bytes, "-journal" included
 
-SCHEMA = """
+SCHEMA_VERSION = 2
+TOTAL = "\x00total"  # the usage row that counts every file (no uploader can be named so)
+FILE_COLUMNS = ("path, size, content_type, sha256, created, mtime_ns, expires, uploader, version, blob, ref, "
+                "encrypted")
+VERSION_COLUMNS = "path, version, size, content_type, sha256, created, uploader, blob, location, encrypted"
+
+TABLES = """
 CREATE TABLE IF NOT EXISTS files (
     path TEXT PRIMARY KEY,
     size INTEGER NOT NULL,
@@ -38,13 +45,64 @@ CREATE TABLE IF NOT EXISTS files (
 CREATE INDEX IF NOT EXISTS files_expires ON files (expires) WHERE expires IS NOT NULL;
 """
 
+# Version 2: dedup (blob, ref), versioning, encryption flag, quotas (usage kept by triggers).
+V2 = """
+ALTER TABLE files ADD COLUMN version INTEGER NOT NULL DEFAULT 1;
+ALTER TABLE files ADD COLUMN blob TEXT;
+ALTER TABLE files ADD COLUMN ref INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE files ADD COLUMN encrypted INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX files_uploader ON files (uploader) WHERE uploader IS NOT NULL;
+CREATE INDEX files_blob ON files (blob) WHERE blob IS NOT NULL;
+CREATE TABLE versions (
+    path TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    content_type TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    created REAL NOT NULL,
+    uploader TEXT,
+    blob TEXT,
+    location TEXT,
+    encrypted INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (path, version)
+);
+CREATE INDEX versions_blob ON versions (blob) WHERE blob IS NOT NULL;
+CREATE TABLE blobs (sha256 TEXT PRIMARY KEY, size INTEGER NOT NULL, refs INTEGER NOT NULL);
+CREATE TABLE usage (uploader TEXT PRIMARY KEY, files INTEGER NOT NULL, bytes INTEGER NOT NULL);
+CREATE TABLE upload_log (uploader TEXT NOT NULL, at REAL NOT NULL, size INTEGER NOT NULL);
+CREATE INDEX upload_log_by ON upload_log (uploader, at);
+INSERT INTO usage SELECT uploader, COUNT(*), SUM(size) FROM files WHERE uploader IS NOT NULL GROUP BY uploader;
+INSERT INTO usage SELECT char(0) || 'total', COUNT(*), COALESCE(SUM(size), 0) FROM files;
+"""
+
+# Usage rows follow every insert, update and delete of files and versions, in the same
+# transaction, whoever writes (the server or the `hmacfs files` tools).
+_USAGE_TRIGGERS = "".join(f"""
+CREATE TRIGGER IF NOT EXISTS {table}_usage_ins AFTER INSERT ON {table} BEGIN
+    INSERT INTO usage SELECT u, 1, NEW.size FROM (SELECT char(0) || 'total' AS u UNION ALL
+        SELECT NEW.uploader WHERE NEW.uploader IS NOT NULL) WHERE true
+        ON CONFLICT(uploader) DO UPDATE SET files = files + 1, bytes = bytes + excluded.bytes;
+END;
+CREATE TRIGGER IF NOT EXISTS {table}_usage_del AFTER DELETE ON {table} BEGIN
+    UPDATE usage SET files = files - 1, bytes = bytes - OLD.size
+        WHERE uploader = char(0) || 'total' OR uploader = OLD.uploader;
+END;
+CREATE TRIGGER IF NOT EXISTS {table}_usage_upd AFTER UPDATE OF size, uploader ON {table} BEGIN
+    UPDATE usage SET files = files - 1, bytes = bytes - OLD.size
+        WHERE uploader = char(0) || 'total' OR uploader = OLD.uploader;
+    INSERT INTO usage SELECT u, 1, NEW.size FROM (SELECT char(0) || 'total' AS u UNION ALL
+        SELECT NEW.uploader WHERE NEW.uploader IS NOT NULL) WHERE true
+        ON CONFLICT(uploader) DO UPDATE SET files = files + 1, bytes = bytes + excluded.bytes;
+END;
+""" for table in ("files", "versions"))
+
 
 class SqliteMeta:
-    """MetaStore on one SQLite file in WAL mode."""
+    """MetaStore on one SQLite file in WAL mode (shared with the `hmacfs files` tools)."""
 
     CACHE_SIZE = 1024
 
-    def __init__(self, db_path: str) -> None:
+    def __init__(self, db_path: str, cache: bool = True) -> None:
         self.db_path = db_path
         if len(os.fsencode(db_path)) > MAX_DB_PATH_BYTES:
             raise StartupError(f"the storage path is too long: SQLite cannot open {db_path!r} "
@@ -52,16 +110,37 @@ class SqliteMeta:
                                "choose a shorter storagepath")
         os.makedirs(os.path.dirname(db_path), exist_ok=True)
         self._cache: OrderedDict[str, FileRecord] = OrderedDict()
+        self._cache_size = self.CACHE_SIZE if cache else 0
         self._cache_lock = threading.Lock()
-        self._db_lock = threading.Lock()
+        self._db_lock = threading.RLock()  # re-entered by the statements of a transaction
         try:
             self._db = sqlite3.connect(self.db_path, timeout=30, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA cache_size=-512")  # KiB; rows are small and hot ones are cached above
-            self._db.executescript(SCHEMA)
+            self._migrate()
         except sqlite3.Error as e:
             raise StartupError(f"metadata database {db_path!r} cannot be opened for writing: {e}") from None
+
+    def _migrate(self) -> None:
+        """Bring the schema to SCHEMA_VERSION in one transaction; refuse a newer database."""
+        found = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if found > SCHEMA_VERSION:
+            raise StartupError(f"metadata database {self.db_path!r} was written by a newer hmacfs (schema "
+                               f"{found}; this version reads up to {SCHEMA_VERSION}): upgrade hmacfs")
+        if found == SCHEMA_VERSION:
+            return
+        script = "BEGIN IMMEDIATE;" + TABLES + V2 + _USAGE_TRIGGERS + f"PRAGMA user_version = {SCHEMA_VERSION};COMMIT;"
+        try:
+            self._db.executescript(script)
+        except BaseException:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise
+
+    def close(self) -> None:
+        with self._db_lock:
+            self._db.close()
 
     def _execute(self, sql: str, params: tuple = ()) -> list[tuple]:
         try:
@@ -72,46 +151,201 @@ class SqliteMeta:
                 raise storage_full() from e
             raise
 
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """One write transaction (BEGIN IMMEDIATE: across processes too); nested calls join it."""
+        with self._db_lock:
+            if self._db.in_transaction:
+                yield
+                return
+            self._execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                with self._cache_lock:
+                    self._cache.clear()  # rows remembered inside the transaction never happened
+                raise
+            self._execute("COMMIT")
+
+    # -- files ----------------------------------------------------------------------------------
+
     def get(self, path: str) -> Optional[FileRecord]:
         with self._cache_lock:
             record = self._cache.get(path)
             if record is not None:
                 self._cache.move_to_end(path)
                 return record
-        rows = self._execute(
-            "SELECT path, size, content_type, sha256, created, mtime_ns, expires, uploader "
-            "FROM files WHERE path = ?", (path,))
+        rows = self._execute(f"SELECT {FILE_COLUMNS} FROM files WHERE path = ?", (path,))
         if not rows:
             return None
-        record = FileRecord(*rows[0])
+        record = _file(rows[0])
         self._remember(record)
         return record
 
     def _remember(self, record: FileRecord) -> None:
+        if not self._cache_size:
+            return
         with self._cache_lock:
             self._cache[record.path] = record
             self._cache.move_to_end(record.path)
-            while len(self._cache) > self.CACHE_SIZE:
+            while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
 
-    def put(self, record: FileRecord) -> None:
-        self._execute(
-            "INSERT OR REPLACE INTO files (path, size, content_type, sha256, created, mtime_ns, "
-            "expires, uploader) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (record.path, record.size, record.content_type, record.sha256, record.created,
-             record.mtime_ns, record.expires, record.uploader))
-        self._remember(record)
-
-    def delete(self, path: str) -> None:
+    def _forget(self, path: str) -> None:
         with self._cache_lock:
             self._cache.pop(path, None)
+
+    def put(self, record: FileRecord) -> None:
+        """Insert or replace the row of `record.path`."""
+        self._execute(
+            f"INSERT INTO files ({FILE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT(path) DO UPDATE SET size = excluded.size, content_type = excluded.content_type, "
+            "sha256 = excluded.sha256, created = excluded.created, mtime_ns = excluded.mtime_ns, "
+            "expires = excluded.expires, uploader = excluded.uploader, version = excluded.version, "
+            "blob = excluded.blob, ref = excluded.ref, encrypted = excluded.encrypted", _file_row(record))
+        self._remember(record)
+
+    def put_new(self, record: FileRecord) -> bool:
+        """Insert the row unless the path has one; False when it has (a racing upload won)."""
+        rows = self._execute(
+            f"INSERT INTO files ({FILE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT(path) DO NOTHING RETURNING path", _file_row(record))
+        if rows:
+            self._remember(record)
+        return bool(rows)
+
+    def delete(self, path: str) -> None:
+        self._forget(path)
         self._execute("DELETE FROM files WHERE path = ?", (path,))
 
     def expired(self, now: float, limit: int = 1000) -> list[FileRecord]:
-        rows = self._execute(
-            "SELECT path, size, content_type, sha256, created, mtime_ns, expires, uploader "
-            "FROM files WHERE expires IS NOT NULL AND expires <= ? LIMIT ?", (now, limit))
-        return [FileRecord(*row) for row in rows]
+        rows = self._execute(f"SELECT {FILE_COLUMNS} FROM files WHERE expires IS NOT NULL AND expires <= ? "
+                             "ORDER BY expires LIMIT ?", (now, limit))
+        return [_file(row) for row in rows]
+
+    def select(self, uploader: Optional[str] = None, prefix: Optional[str] = None,
+               created_before: Optional[float] = None, limit: int = 1000, after: str = "") -> list[FileRecord]:
+        """Rows matching every given selector, by path, `limit` at a time after the path `after`."""
+        where, params = ["path > ?"], [after]
+        if uploader is not None:
+            where.append("uploader = ?")
+            params.append(uploader)
+        if prefix:
+            where.append("substr(path, 1, ?) = ?")
+            params += [len(prefix), prefix]
+        if created_before is not None:
+            where.append("created < ?")
+            params.append(created_before)
+        rows = self._execute(f"SELECT {FILE_COLUMNS} FROM files WHERE {' AND '.join(where)} ORDER BY path LIMIT ?",
+                             (*params, limit))
+        return [_file(row) for row in rows]
+
+    # -- blobs (deduplication) ------------------------------------------------------------------
+
+    def blob_acquire(self, sha256: str, size: int) -> int:
+        """One more reference to a blob (made at 1); returns the count after."""
+        rows = self._execute("INSERT INTO blobs (sha256, size, refs) VALUES (?, ?, 1) ON CONFLICT(sha256) "
+                             "DO UPDATE SET refs = refs + 1 RETURNING refs", (sha256, size))
+        return int(rows[0][0])
+
+    def blob_release(self, sha256: str) -> int:
+        """One reference less; the row goes at 0. Returns the count after (0: unreferenced)."""
+        with self.transaction():
+            rows = self._execute("UPDATE blobs SET refs = refs - 1 WHERE sha256 = ? RETURNING refs", (sha256,))
+            if not rows or rows[0][0] <= 0:
+                self._execute("DELETE FROM blobs WHERE sha256 = ?", (sha256,))
+                return 0
+            return int(rows[0][0])
+
+    def blob_refs(self, sha256: str) -> int:
+        rows = self._execute("SELECT refs FROM blobs WHERE sha256 = ?", (sha256,))
+        return int(rows[0][0]) if rows else 0
+
+    def blob_counted_refs(self, sha256: str) -> int:
+        """References found in files and versions (the janitor reconciles `refs` with this)."""
+        rows = self._execute("SELECT (SELECT COUNT(*) FROM files WHERE blob = ?) + "
+                             "(SELECT COUNT(*) FROM versions WHERE blob = ?)", (sha256, sha256))
+        return int(rows[0][0])
+
+    def set_blob_refs(self, sha256: str, size: int, refs: int) -> None:
+        if refs <= 0:
+            self._execute("DELETE FROM blobs WHERE sha256 = ?", (sha256,))
+        else:
+            self._execute("INSERT INTO blobs (sha256, size, refs) VALUES (?, ?, ?) ON CONFLICT(sha256) "
+                          "DO UPDATE SET refs = excluded.refs", (sha256, size, refs))
+
+    def blob_page(self, after: str = "", limit: int = 500) -> list[tuple[str, int, int]]:
+        return [(r[0], int(r[1]), int(r[2])) for r in self._execute(
+            "SELECT sha256, size, refs FROM blobs WHERE sha256 > ? ORDER BY sha256 LIMIT ?", (after, limit))]
+
+    def blob_stats(self) -> tuple[int, int, int]:
+        """(blobs, bytes held in blobs, logical bytes that reference them)."""
+        rows = self._execute("SELECT COUNT(*), COALESCE(SUM(size), 0), COALESCE(SUM(size * refs), 0) FROM blobs")
+        return int(rows[0][0]), int(rows[0][1]), int(rows[0][2])
+
+    # -- versions -------------------------------------------------------------------------------
+
+    def versions(self, path: str) -> list[VersionRecord]:
+        """Kept older versions of `path`, oldest first."""
+        rows = self._execute(f"SELECT {VERSION_COLUMNS} FROM versions WHERE path = ? ORDER BY version", (path,))
+        return [_version(row) for row in rows]
+
+    def add_version(self, version: VersionRecord) -> None:
+        self._execute(f"INSERT INTO versions ({VERSION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                      (version.path, version.version, version.size, version.content_type, version.sha256,
+                       version.created, version.uploader, version.blob, version.location, int(version.encrypted)))
+
+    def drop_versions(self, path: str, keep: int) -> list[VersionRecord]:
+        """Remove all but the newest `keep` versions of `path`; returns the removed ones."""
+        with self.transaction():
+            kept = self.versions(path)
+            gone = kept[:max(0, len(kept) - keep)]
+            for v in gone:
+                self._execute("DELETE FROM versions WHERE path = ? AND version = ?", (path, v.version))
+        return gone
+
+    # -- quotas ---------------------------------------------------------------------------------
+
+    def usage(self, uploader: str) -> Usage:
+        rows = self._execute("SELECT files, bytes FROM usage WHERE uploader = ?", (uploader,))
+        files, size = rows[0] if rows else (0, 0)
+        return Usage(uploader, int(files), int(size))
+
+    def all_usage(self) -> list[Usage]:
+        rows = self._execute("SELECT uploader, files, bytes FROM usage WHERE uploader != ? AND files > 0 "
+                             "ORDER BY bytes DESC", (TOTAL,))
+        return [Usage(r[0], int(r[1]), int(r[2])) for r in rows]
+
+    def total_bytes(self) -> int:
+        return self.usage(TOTAL).bytes
+
+    def total_files(self) -> int:
+        return self.usage(TOTAL).files
+
+    def bytes_since(self, uploader: str, since: float) -> int:
+        rows = self._execute("SELECT COALESCE(SUM(size), 0) FROM upload_log WHERE uploader = ? AND at >= ?",
+                             (uploader, since))
+        return int(rows[0][0])
+
+    def log_upload(self, uploader: str, at: float, size: int) -> None:
+        self._execute("INSERT INTO upload_log (uploader, at, size) VALUES (?, ?, ?)", (uploader, at, size))
+
+    def prune_upload_log(self, before: float) -> None:
+        self._execute("DELETE FROM upload_log WHERE at < ?", (before,))
+
+
+def _file_row(r: FileRecord) -> tuple:
+    return (r.path, r.size, r.content_type, r.sha256, r.created, r.mtime_ns, r.expires, r.uploader, r.version,
+            r.blob, int(r.ref), int(r.encrypted))
+
+
+def _file(row: tuple) -> FileRecord:
+    return FileRecord(*row[:10], ref=bool(row[10]), encrypted=bool(row[11]))
+
+
+def _version(row: tuple) -> VersionRecord:
+    return VersionRecord(*row[:9], encrypted=bool(row[9]))
 
 
 def _is_full(error: sqlite3.OperationalError) -> bool:

@@ -193,6 +193,36 @@ class ServerMetrics:
         r.add(Gauge("process_start_time_seconds", "Start time of the process since the epoch in seconds.",
                     fn=lambda: started))
         r.add(Gauge("hmacfs_threads", "Python threads alive.", fn=lambda: threading.active_count()))
+        self.quota_refusals = r.add(Counter("hmacfs_quota_refusals_total", "Uploads refused by a quota.",
+                                            ("quota",)))
+        self.janitor_runs = r.add(Counter("hmacfs_janitor_runs_total", "Janitor runs."))
+        self.expired_removed = r.add(Counter("hmacfs_expired_files_removed_total",
+                                             "Expired files removed (by the janitor or at a GET)."))
+        self.tampered = r.add(Counter("hmacfs_encrypted_reads_failed_total",
+                                      "Encrypted downloads cut because a segment failed authentication."))
+
+    def watch_storage(self, app) -> None:
+        """Gauges read from the store and the metadata at scrape time (no uploader in any label)."""
+        r, meta = self.registry, app.meta
+        r.add(Gauge("hmacfs_free_bytes", "Free bytes on the storage filesystem (for unprivileged users).",
+                    fn=app.store.free_bytes))
+        r.add(Gauge("hmacfs_stored_files", "Stored files and kept versions.", fn=meta.total_files))
+        r.add(Gauge("hmacfs_stored_bytes", "Logical bytes of stored files and kept versions.", fn=meta.total_bytes))
+        r.add(Gauge("hmacfs_uploaders", "Uploaders with at least one stored file.",
+                    fn=lambda: len(meta.all_usage())))
+        if app.quotas is not None and app.quotas.total:
+            r.add(Gauge("hmacfs_quota_global_bytes", "The global quota ([quotas] global).",
+                        fn=lambda: app.quotas.total))
+        if app.blobs is not None:
+            r.add(Gauge("hmacfs_dedup_blobs", "Distinct contents in the blob store.", fn=lambda: meta.blob_stats()[0]))
+            r.add(Gauge("hmacfs_dedup_blob_bytes", "Bytes held once in the blob store (plaintext sizes).",
+                        fn=lambda: meta.blob_stats()[1]))
+            r.add(Gauge("hmacfs_dedup_logical_bytes", "Bytes of every reference to a blob, as if stored each time.",
+                        fn=lambda: meta.blob_stats()[2]))
+            r.add(Gauge("hmacfs_dedup_saved_bytes", "Bytes deduplication saves (logical minus held).",
+                        fn=lambda: meta.blob_stats()[2] - meta.blob_stats()[1]))
+        r.add(Gauge("hmacfs_ready_warm", "1 once the precache warm-up is done (or off).",
+                    fn=lambda: 1.0 if app.warm.is_set() else 0.0))
 
     def render(self) -> str:
         return self.registry.render()

@@ -64,6 +64,7 @@ class LocalStore:
             self.root = os.path.realpath(root)
             self.internal = os.path.join(self.root, INTERNAL_DIR)
             self.tmp_dir = os.path.join(self.internal, "tmp")
+            self.versions_dir = os.path.join(self.internal, "versions")
             os.makedirs(self.tmp_dir, mode=0o700, exist_ok=True)
             self._lock_fd = _lock_store(os.path.join(self.internal, "lock"))
         except OSError as e:
@@ -127,18 +128,34 @@ class LocalStore:
                 os.close(dir_fd)
         raise PathConflict(signed_path)
 
-    def retract(self, temp_path: str, signed_path: str) -> None:
+    def replace(self, source_path: str, signed_path: str) -> None:
+        """Put `source_path` at `signed_path` whether or not a file is there (versioning): a hard
+        link under a private name in the same directory, then an atomic rename over the old name."""
+        *parents, name = signed_path.split("/")
+        dir_fd = self._walk(parents)
+        try:
+            staged = f".hmacfs-{secrets.token_hex(8)}"
+            os.link(source_path, staged, dst_dir_fd=dir_fd, follow_symlinks=False)
+            try:
+                os.rename(staged, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            except BaseException:
+                os.unlink(staged, dir_fd=dir_fd)
+                raise
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def retract(self, source_path: str, signed_path: str) -> None:
         """Undo `publish` when what had to follow it failed: unlink the final name if it is still
-        the temp file's inode, then drop the temp file."""
+        the source's inode (the source itself stays)."""
         final = self.full_path(signed_path)
         try:
-            ours, there = os.stat(temp_path), os.lstat(final)
+            ours, there = os.stat(source_path), os.lstat(final)
             if (ours.st_dev, ours.st_ino) == (there.st_dev, there.st_ino):
                 os.unlink(final)
                 fsync_dir(os.path.dirname(final))
         except OSError:
             pass
-        self.discard_temp(temp_path)
 
     def _walk(self, parents: list[str]) -> int:
         """An fd of root/parents..., made where missing, walking without following symlinks."""

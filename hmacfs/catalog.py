@@ -1,0 +1,86 @@
+"""The stored files as a whole: where a path's bytes are, and removing a path with all it owns.
+
+Strategy: a path's bytes are a plain file at the path (possibly a hard link to a dedup
+blob), or, for a `ref` record, the blob itself; older versions live under
+`.hmacfs/versions/`. Downloads, DELETE, expiry (GET and the janitor) and the `hmacfs
+files` tools all go through this one place, so removing a file always takes its
+versions and blob references with it, in the order that a crash cannot turn into a
+resurrected file: the bytes at the path first, then the rows, then what only rows pointed at.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Optional
+
+from .meta import FileRecord, MetaStore
+from .meta.record import VersionRecord
+from .pipeline import remove_version_bytes
+from .storage.blobs import BlobStore
+from .storage.local import LocalStore
+
+log = logging.getLogger("hmacfs")
+
+Opened = tuple[int, os.stat_result]
+
+
+class Catalog:
+    """Locating and removing stored files across the store, the blobs and the metadata."""
+
+    def __init__(self, store: LocalStore, meta: MetaStore, blobs: Optional[BlobStore] = None,
+                 on_remove=None) -> None:
+        self.store = store
+        self.meta = meta
+        self.blobs = blobs
+        self.on_remove = on_remove  # e.g. drop the path from the hot-file cache
+        self._missing_logged: set[str] = set()
+        self._lock = threading.Lock()
+
+    def open_current(self, path: str, record: Optional[FileRecord]) -> Optional[Opened]:
+        """(fd, stat) of the bytes of `path` (the file, or the blob of a `ref` record), or None."""
+        if record is not None and record.ref:
+            return self._open_blob(path, record.blob)
+        return self.store.open(path)
+
+    def open_version(self, version: VersionRecord) -> Optional[Opened]:
+        if version.location is None:
+            return self._open_blob(version.path, version.blob)
+        try:
+            fd = os.open(os.path.join(self.store.versions_dir, version.location), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            self.missing(version.path, f"version {version.version}")
+            return None
+        return fd, os.fstat(fd)
+
+    def _open_blob(self, path: str, sha256: Optional[str]) -> Optional[Opened]:
+        opened = self.blobs.open(sha256) if self.blobs is not None and sha256 else None
+        if opened is None:
+            self.missing(path, f"blob {sha256}")
+        return opened
+
+    def missing(self, path: str, what: str) -> None:
+        """Bytes the metadata promises are gone: log it once per path (the request gets a 500)."""
+        with self._lock:
+            if path in self._missing_logged or len(self._missing_logged) > 10000:
+                return
+            self._missing_logged.add(path)
+        log.error("stored bytes missing for %r: %s is not on disk (metadata kept; restore it or delete the path)",
+                  path, what)
+
+    def remove(self, path: str) -> bool:
+        """Remove `path`, its versions and its blob references; False when nothing was there."""
+        record = self.meta.get(path)
+        had_file = self.store.delete(path)
+        versions = self.meta.versions(path)
+        with self.meta.transaction():
+            self.meta.delete(path)
+            if versions:
+                self.meta.drop_versions(path, 0)
+        if self.on_remove is not None:
+            self.on_remove(path)
+        if record is not None and record.blob is not None and self.blobs is not None:
+            self.blobs.release(record.blob)
+        for version in versions:
+            remove_version_bytes(self.store, self.blobs, version)
+        return had_file or (record is not None and record.ref) or bool(versions)

@@ -1,0 +1,174 @@
+"""The janitor: removes what has outlived its purpose, in small batches, off the request path.
+
+Strategy: one background thread wakes every `cleanupinterval` (and on demand) and does
+bounded work per batch, each batch its own short metadata transaction, sleeping briefly
+between batches so requests never wait long for the database:
+- files past their expiry (`filettl`, the JWT `expires` claim, a v3 upload's own expiry),
+  with their versions and blob references (GET already answers 410 for them);
+- temp files of uploads abandoned longer than `readtimeout` (a crashed writer; the
+  watchdog cuts stalled clients before that);
+- upload-log rows older than a day (the per-day quota window);
+- blob reference counts reconciled with the rows that reference them (a crash between a
+  count and its row), and blob files that no row references.
+Each run's counts go to the metrics and, when non-zero, to the log.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:
+    from ..catalog import Catalog
+    from ..meta.sqlite import SqliteMeta
+    from ..storage.blobs import BlobStore
+    from ..storage.local import LocalStore
+
+log = logging.getLogger("hmacfs")
+BATCH = 200
+PAUSE = 0.05          # seconds between batches
+DAY = 86400.0
+
+
+@dataclass
+class JanitorRun:
+    """What one run removed or repaired."""
+
+    expired: int = 0
+    temp_files: int = 0
+    blobs_removed: int = 0
+    refs_fixed: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    def any(self) -> bool:
+        return bool(self.expired or self.temp_files or self.blobs_removed or self.refs_fixed or self.errors)
+
+
+class Janitor:
+    """Periodic clean-up of one store."""
+
+    def __init__(self, store: LocalStore, meta: SqliteMeta, catalog: Catalog, blobs: Optional[BlobStore],
+                 interval: float, stale_temp_after: float, metrics=None) -> None:
+        self.store = store
+        self.meta = meta
+        self.catalog = catalog
+        self.blobs = blobs
+        self.interval = interval
+        self.stale_temp_after = stale_temp_after
+        self.metrics = metrics
+        self.last_run: Optional[JanitorRun] = None
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="janitor", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.interval)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            try:
+                self.run_once()
+            except Exception:
+                log.exception("janitor run failed; trying again in %.0fs", self.interval)
+
+    def run_once(self, now: Optional[float] = None) -> JanitorRun:
+        now = time.time() if now is None else now
+        run = JanitorRun()
+        self._expire(now, run)
+        self._sweep_temp(now, run)
+        self.meta.prune_upload_log(now - DAY)
+        if self.blobs is not None:
+            self._reconcile_blobs(run)
+        self.last_run = run
+        if self.metrics is not None:
+            self.metrics.janitor_runs.inc()
+            self.metrics.expired_removed.inc(run.expired)
+        if run.any():
+            log.info("janitor: removed %d expired file(s), %d stale temp file(s), %d unreferenced blob(s); "
+                     "fixed %d blob count(s)", run.expired, run.temp_files, run.blobs_removed, run.refs_fixed)
+        return run
+
+    def _expire(self, now: float, run: JanitorRun) -> None:
+        while not self._stop.is_set():
+            batch = self.meta.expired(now, BATCH)
+            for record in batch:
+                try:
+                    self.catalog.remove(record.path)
+                    run.expired += 1
+                except OSError as e:
+                    run.errors.append(f"{record.path}: {e}")
+                    log.warning("janitor: could not remove expired %r: %s", record.path, e)
+            if len(batch) < BATCH or run.errors:
+                return
+            time.sleep(PAUSE)
+
+    def _sweep_temp(self, now: float, run: JanitorRun) -> None:
+        try:
+            names = os.listdir(self.store.tmp_dir)
+        except FileNotFoundError:
+            return
+        for name in names:
+            path = os.path.join(self.store.tmp_dir, name)
+            try:
+                if now - os.lstat(path).st_mtime > self.stale_temp_after:
+                    os.unlink(path)
+                    run.temp_files += 1
+            except FileNotFoundError:
+                continue
+
+    def _reconcile_blobs(self, run: JanitorRun) -> None:
+        """Counts that disagree with the rows are set to the rows' count (a blob at 0 goes)."""
+        assert self.blobs is not None
+        after = ""
+        while not self._stop.is_set():
+            page = self.meta.blob_page(after, BATCH)
+            for sha, size, _refs in page:
+                with self.meta.transaction():  # in_flight is checked inside: acquire marks it before its own
+                    counted = self.meta.blob_counted_refs(sha)
+                    if counted != self.meta.blob_refs(sha) and not self.blobs.in_flight(sha):
+                        self.meta.set_blob_refs(sha, size, counted)
+                        run.refs_fixed += 1
+                        if counted == 0:
+                            self._unlink_blob(sha, run)
+            if len(page) < BATCH:
+                break
+            after = page[-1][0]
+            time.sleep(PAUSE)
+        self._remove_orphan_blob_files(run)
+
+    def _remove_orphan_blob_files(self, run: JanitorRun) -> None:
+        """Blob files without a row (a crash after the file, before the count): removed."""
+        assert self.blobs is not None
+        for dirpath, _dirs, files in os.walk(self.blobs.directory):
+            for name in files:
+                if len(name) != 64:
+                    continue
+                with self.meta.transaction():
+                    if (self.meta.blob_refs(name) == 0 and self.meta.blob_counted_refs(name) == 0
+                            and not self.blobs.in_flight(name)):
+                        self._unlink_blob(name, run, os.path.join(dirpath, name))
+
+    def _unlink_blob(self, sha: str, run: JanitorRun, path: Optional[str] = None) -> None:
+        assert self.blobs is not None
+        try:
+            os.unlink(path or self.blobs.path_of(sha))
+            run.blobs_removed += 1
+        except FileNotFoundError:
+            pass

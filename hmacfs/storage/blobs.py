@@ -1,0 +1,114 @@
+"""Content-addressed blobs for deduplication: one file per distinct content, linked from each path.
+
+Strategy: the upload's sha256 is known when its last byte arrives (it is computed while
+streaming), so deduplication costs no second pass: the temp file either becomes the blob
+(`link`) or is dropped because the blob is already there. Each path is then a hard link
+to the blob, so a download is an ordinary file (sendfile, Range, adoption by another
+server all unchanged) and deleting one path never touches another. Where a hard link is
+impossible (the blob directory on another filesystem, or the blob at the filesystem's link
+limit) the path holds no file and its metadata row points at the blob (`ref`).
+
+Reference counts live in the metadata (`blobs` table). Every change of a count and the
+matching change on disk happen inside one metadata write transaction (BEGIN IMMEDIATE,
+which also serialises the `hmacfs files` tools in another process), so an upload that
+re-uses a blob and a delete that drops its last reference cannot interleave: no blob is
+lost and none is orphaned. The janitor reconciles counts with the rows after a crash,
+skipping blobs whose commit is still in flight (their count is ahead of the rows).
+
+Layout: `<directory>/<sha[0:2]>/<sha[2:4]>/<sha>`.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import threading
+from typing import Optional
+
+from ..meta.record import MetaStore
+from .local import _O_CLOEXEC, _O_NOFOLLOW, fsync_dir
+
+log = logging.getLogger("hmacfs")
+LINK_LIMIT_ERRNOS = (errno.EMLINK, errno.EXDEV, errno.EPERM, errno.ENOTSUP)
+
+
+class BlobStore:
+    """Blobs below `directory`, counted in `meta`."""
+
+    def __init__(self, directory: str, meta: MetaStore, storage_root: str) -> None:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        self.directory = os.path.realpath(directory)
+        self.meta = meta
+        self._pending: dict[str, int] = {}  # blobs acquired by commits whose row is not written yet
+        self._pending_lock = threading.Lock()
+        # Hard links from paths to blobs need one filesystem; otherwise every path is a `ref`.
+        self.linkable = os.stat(self.directory).st_dev == os.stat(storage_root).st_dev
+
+    def path_of(self, sha256: str) -> str:
+        return os.path.join(self.directory, sha256[:2], sha256[2:4], sha256)
+
+    def acquire(self, temp_path: str, sha256: str, size: int) -> str:
+        """Count one more reference to the blob of this content, making it from `temp_path` if it
+        is new; returns the blob's path. The temp file stays (the caller drops it)."""
+        blob = self.path_of(sha256)
+        with self._pending_lock:
+            self._pending[sha256] = self._pending.get(sha256, 0) + 1
+        with self.meta.transaction():
+            self.meta.blob_acquire(sha256, size)
+            if not os.path.exists(blob):
+                os.makedirs(os.path.dirname(blob), mode=0o700, exist_ok=True)
+                try:
+                    os.link(temp_path, blob)
+                except OSError as e:
+                    if e.errno != errno.EXDEV:
+                        raise
+                    _copy(temp_path, blob)
+                fsync_dir(os.path.dirname(blob))
+        return blob
+
+    def settle(self, sha256: str) -> None:
+        """The commit that acquired this blob has written its row (or given the reference back)."""
+        with self._pending_lock:
+            left = self._pending.get(sha256, 0) - 1
+            if left > 0:
+                self._pending[sha256] = left
+            else:
+                self._pending.pop(sha256, None)
+
+    def in_flight(self, sha256: str) -> bool:
+        """Acquired by a commit not finished yet: its count is ahead of the rows on purpose."""
+        with self._pending_lock:
+            return sha256 in self._pending
+
+    def release(self, sha256: str) -> bool:
+        """Drop one reference; the blob file goes with the last one. True if it went."""
+        with self.meta.transaction():
+            if self.meta.blob_release(sha256) > 0:
+                return False
+            try:
+                os.unlink(self.path_of(sha256))
+            except FileNotFoundError:
+                log.warning("blob %s was already missing when its last reference went", sha256)
+            return True
+
+    def open(self, sha256: str) -> Optional[tuple[int, os.stat_result]]:
+        """(fd, stat) of a blob, or None when it is missing."""
+        try:
+            fd = os.open(self.path_of(sha256), os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        return fd, os.fstat(fd)
+
+
+def _copy(src: str, dst: str) -> None:
+    """A durable copy (blob directory on another filesystem): temp name, fsync, rename."""
+    tmp = f"{dst}.part"
+    with open(src, "rb") as fin, open(tmp, "wb") as fout:
+        while True:
+            block = fin.read(1024 * 1024)
+            if not block:
+                break
+            fout.write(block)
+        fout.flush()
+        os.fsync(fout.fileno())
+    os.replace(tmp, dst)
