@@ -99,7 +99,7 @@ class UploadPipeline:
         self.keep_versions = keep_versions  # None: versioning off (an existing path is a 409)
         self.keyring = keyring
         self.segment_size = segment_size
-        self._path_locks: dict[str, threading.Lock] = {}
+        self._path_locks: dict[str, list] = {}  # path -> [lock, holders and waiters]
         self._locks_guard = threading.Lock()
 
     # -- receiving ------------------------------------------------------------------------------
@@ -150,14 +150,19 @@ class UploadPipeline:
 
     @contextmanager
     def _path_lock(self, path: str) -> Iterator[None]:
-        """Versioned writes to one path take turns (each keeps the one before as a version)."""
+        """Versioned writes to one path take turns (each keeps the one before as a version).
+        The lock lives while anyone holds or waits for it (a count, not `locked()`)."""
         with self._locks_guard:
-            lock = self._path_locks.setdefault(path, threading.Lock())
-        with lock:
-            yield
-        with self._locks_guard:
-            if not lock.locked():
-                self._path_locks.pop(path, None)
+            entry = self._path_locks.setdefault(path, [threading.Lock(), 0])
+            entry[1] += 1
+        try:
+            with entry[0]:
+                yield
+        finally:
+            with self._locks_guard:
+                entry[1] -= 1
+                if not entry[1]:
+                    del self._path_locks[path]
 
     def commit(self, received: Received, upload: Upload,
                before_commit: Optional[Callable[[Received], None]] = None) -> FileRecord:
