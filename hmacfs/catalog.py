@@ -69,14 +69,14 @@ class Catalog:
                   path, what)
 
     def remove(self, path: str) -> bool:
-        """Remove `path`, its versions and its blob references; False when nothing was there."""
-        record = self.meta.get(path)
+        """Remove `path`, its versions and its blob references; False when nothing was there.
+
+        The rows are taken from the database in one transaction (not from a cache), so a
+        reference is released exactly once even if another process removed the path first."""
         had_file = self.store.delete(path)
-        versions = self.meta.versions(path)
         with self.meta.transaction():
-            self.meta.delete(path)
-            if versions:
-                self.meta.drop_versions(path, 0)
+            record = self.meta.take(path)
+            versions = self.meta.drop_versions(path, 0)
         if self.on_remove is not None:
             self.on_remove(path)
         if record is not None and record.blob is not None and self.blobs is not None:

@@ -18,7 +18,7 @@ import logging
 import os
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable, Iterator, Optional, Protocol
 
@@ -171,13 +171,16 @@ class UploadPipeline:
         409 when the path is taken and versioning is off; 403 through a symlink out of the
         root; 507 when the disk fills on the way (the bytes are taken back out).
         """
+        path = upload.signed_path
         try:
             if before_commit is not None:
                 before_commit(received)
             if self.keep_versions is None:
                 return self._commit(received, upload, None)
-            with self._path_lock(upload.signed_path):
-                return self._commit(received, upload, self._current(upload.signed_path))
+            with self._path_lock(path):
+                record = self._commit(received, upload, self._current(path))
+                self._prune(path)
+                return record
         except OSError as e:
             if e.errno in _FULL_ERRNOS:
                 raise storage_full() from None
@@ -200,35 +203,41 @@ class UploadPipeline:
             os.close(fd)
 
     def _commit(self, received: Received, upload: Upload, current: Optional[FileRecord]) -> FileRecord:
-        path = upload.signed_path
-        source, blob, ref = received.temp_path, None, False
-        if self.blobs is not None:
-            source = self.blobs.acquire(received.temp_path, received.sha256, received.size)
-            blob, ref = received.sha256, not self.blobs.linkable
+        """Place the bytes and write the rows; on any failure (a failed COMMIT included) undo
+        what was done on disk, newest first.
+
+        With deduplication the blob's count, the placement and the rows are one transaction,
+        so a failure (the disk filling under the metadata included) rolls the count back
+        without writing anything. Without it only the rows are, and the placement (a link and
+        a directory fsync) stays outside the metadata lock.
+        """
+        undo: list[Callable[[], None]] = []
         try:
-            kept = self._keep_current(current) if current is not None else None
-            try:
-                ref = self._place(source, path, replace_existing=current is not None, ref=ref)
-                record = FileRecord(path=path, size=received.size, content_type=upload.content_type,
+            with self.meta.transaction() if self.blobs is not None else nullcontext():
+                source, blob, ref = received.temp_path, None, False
+                if self.blobs is not None:
+                    source, created = self.blobs.acquire(received.temp_path, received.sha256, received.size)
+                    blob, ref = received.sha256, not self.blobs.linkable
+                    if created:
+                        undo.append(lambda: self.blobs.discard(received.sha256))  # type: ignore[union-attr]
+                kept = None
+                if current is not None:
+                    kept = self._keep_current(current)
+                    undo.append(lambda: self._restore(current, kept))  # type: ignore[arg-type]
+                ref = self._place(source, upload.signed_path, replace_existing=current is not None, ref=ref)
+                if not ref and kept is None:
+                    undo.append(lambda: self.store.retract(source, upload.signed_path))
+                record = FileRecord(path=upload.signed_path, size=received.size, content_type=upload.content_type,
                                     sha256=received.sha256, created=time.time(),
                                     mtime_ns=0 if ref else os.stat(source).st_mtime_ns,
                                     expires=upload.expires, uploader=upload.uploader,
                                     version=current.version + 1 if current is not None else 1,
                                     blob=blob, ref=ref, encrypted=received.encrypted)
-                self._record(record, kept, placed_from=None if ref else source)
-            except BaseException:
-                if kept is not None:
-                    self._restore(current, kept)
-                raise
+                self._write_rows(record, kept)
         except BaseException:
-            if blob is not None:
-                self.blobs.release(blob)  # type: ignore[union-attr]
+            for step in reversed(undo):
+                step()
             raise
-        finally:
-            if blob is not None:
-                self.blobs.settle(blob)  # type: ignore[union-attr]
-        if kept is not None:
-            self._prune(path)
         return record
 
     def _place(self, source: str, path: str, replace_existing: bool, ref: bool) -> bool:
@@ -251,23 +260,17 @@ class UploadPipeline:
             return self._place(source, path, replace_existing, ref=True)
         return False
 
-    def _record(self, record: FileRecord, kept: Optional[VersionRecord], placed_from: Optional[str]) -> None:
-        """The metadata of a placed upload (and of the version it replaced), in one transaction;
-        on failure the placed file is taken back out."""
-        try:
-            with self.meta.transaction():
-                if kept is not None:
-                    self.meta.add_version(kept)
-                    self.meta.put(record)
-                elif not self.meta.put_new(record):
-                    if not record.ref and self._stale_row(record.path):
-                        self.meta.put(record)  # a row left behind by a file deleted outside hmacfs
-                    else:
-                        raise PathConflict(record.path)
-        except BaseException:
-            if placed_from is not None and kept is None:
-                self.store.retract(placed_from, record.path)
-            raise
+    def _write_rows(self, record: FileRecord, kept: Optional[VersionRecord]) -> None:
+        """The row of a placed upload (and of the version it replaced), in one transaction."""
+        with self.meta.transaction():
+            if kept is not None:
+                self.meta.add_version(kept)
+                self.meta.put(record)
+            elif not self.meta.put_new(record):
+                if not record.ref and self._stale_row(record.path):
+                    self.meta.put(record)  # a row left behind by a file deleted outside hmacfs
+                else:
+                    raise PathConflict(record.path)
 
     def _stale_row(self, path: str) -> bool:
         old = self.meta.get(path)

@@ -162,7 +162,8 @@ class SqliteMeta:
             try:
                 yield
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:  # SQLITE_FULL may have rolled it back already
+                    self._db.execute("ROLLBACK")
                 with self._cache_lock:
                     self._cache.clear()  # rows remembered inside the transaction never happened
                 raise
@@ -184,7 +185,7 @@ class SqliteMeta:
         return record
 
     def _remember(self, record: FileRecord) -> None:
-        if not self._cache_size:
+        if not self._cache_size or record.ref:  # a ref row is the only trace of its file: always read it fresh
             return
         with self._cache_lock:
             self._cache[record.path] = record
@@ -218,6 +219,14 @@ class SqliteMeta:
     def delete(self, path: str) -> None:
         self._forget(path)
         self._execute("DELETE FROM files WHERE path = ?", (path,))
+
+    def take(self, path: str) -> Optional[FileRecord]:
+        """Delete the row of `path` and return it as it was in the database (not the cache):
+        whoever takes a row owns releasing what it pointed at, exactly once, even when another
+        process (the `hmacfs files` tools) removed it first."""
+        self._forget(path)
+        rows = self._execute(f"DELETE FROM files WHERE path = ? RETURNING {FILE_COLUMNS}", (path,))
+        return _file(rows[0]) if rows else None
 
     def expired(self, now: float, limit: int = 1000) -> list[FileRecord]:
         rows = self._execute(f"SELECT {FILE_COLUMNS} FROM files WHERE expires IS NOT NULL AND expires <= ? "

@@ -140,9 +140,9 @@ class Janitor:
         while not self._stop.is_set():
             page = self.meta.blob_page(after, BATCH)
             for sha, size, _refs in page:
-                with self.meta.transaction():  # in_flight is checked inside: acquire marks it before its own
+                with self.meta.transaction():  # commits write count and rows in one transaction
                     counted = self.meta.blob_counted_refs(sha)
-                    if counted != self.meta.blob_refs(sha) and not self.blobs.in_flight(sha):
+                    if counted != self.meta.blob_refs(sha):
                         self.meta.set_blob_refs(sha, size, counted)
                         run.refs_fixed += 1
                         if counted == 0:
@@ -161,8 +161,7 @@ class Janitor:
                 if len(name) != 64:
                     continue
                 with self.meta.transaction():
-                    if (self.meta.blob_refs(name) == 0 and self.meta.blob_counted_refs(name) == 0
-                            and not self.blobs.in_flight(name)):
+                    if self.meta.blob_refs(name) == 0 and self.meta.blob_counted_refs(name) == 0:
                         self._unlink_blob(name, run, os.path.join(dirpath, name))
 
     def _unlink_blob(self, sha: str, run: JanitorRun, path: Optional[str] = None) -> None:

@@ -12,8 +12,9 @@ Reference counts live in the metadata (`blobs` table). Every change of a count a
 matching change on disk happen inside one metadata write transaction (BEGIN IMMEDIATE,
 which also serialises the `hmacfs files` tools in another process), so an upload that
 re-uses a blob and a delete that drops its last reference cannot interleave: no blob is
-lost and none is orphaned. The janitor reconciles counts with the rows after a crash,
-skipping blobs whose commit is still in flight (their count is ahead of the rows).
+lost and none is orphaned. An upload's count, its placement and its row are one
+transaction, so they are never out of step; the janitor reconciles counts with the rows
+only after a crash in the middle of one.
 
 Layout: `<directory>/<sha[0:2]>/<sha[2:4]>/<sha>`.
 """
@@ -22,7 +23,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import threading
 from typing import Optional
 
 from ..meta.record import MetaStore
@@ -39,46 +39,38 @@ class BlobStore:
         os.makedirs(directory, mode=0o700, exist_ok=True)
         self.directory = os.path.realpath(directory)
         self.meta = meta
-        self._pending: dict[str, int] = {}  # blobs acquired by commits whose row is not written yet
-        self._pending_lock = threading.Lock()
         # Hard links from paths to blobs need one filesystem; otherwise every path is a `ref`.
         self.linkable = os.stat(self.directory).st_dev == os.stat(storage_root).st_dev
 
     def path_of(self, sha256: str) -> str:
         return os.path.join(self.directory, sha256[:2], sha256[2:4], sha256)
 
-    def acquire(self, temp_path: str, sha256: str, size: int) -> str:
+    def acquire(self, temp_path: str, sha256: str, size: int) -> tuple[str, bool]:
         """Count one more reference to the blob of this content, making it from `temp_path` if it
-        is new; returns the blob's path. The temp file stays (the caller drops it)."""
+        is new; returns the blob's path and whether this call made it. The temp file stays (the
+        caller drops it). Run it inside the caller's transaction to make the count and the
+        caller's row one change."""
         blob = self.path_of(sha256)
-        with self._pending_lock:
-            self._pending[sha256] = self._pending.get(sha256, 0) + 1
         with self.meta.transaction():
             self.meta.blob_acquire(sha256, size)
-            if not os.path.exists(blob):
-                os.makedirs(os.path.dirname(blob), mode=0o700, exist_ok=True)
-                try:
-                    os.link(temp_path, blob)
-                except OSError as e:
-                    if e.errno != errno.EXDEV:
-                        raise
-                    _copy(temp_path, blob)
-                fsync_dir(os.path.dirname(blob))
-        return blob
+            if os.path.exists(blob):
+                return blob, False
+            os.makedirs(os.path.dirname(blob), mode=0o700, exist_ok=True)
+            try:
+                os.link(temp_path, blob)
+            except OSError as e:
+                if e.errno != errno.EXDEV:
+                    raise
+                _copy(temp_path, blob)
+            fsync_dir(os.path.dirname(blob))
+        return blob, True
 
-    def settle(self, sha256: str) -> None:
-        """The commit that acquired this blob has written its row (or given the reference back)."""
-        with self._pending_lock:
-            left = self._pending.get(sha256, 0) - 1
-            if left > 0:
-                self._pending[sha256] = left
-            else:
-                self._pending.pop(sha256, None)
-
-    def in_flight(self, sha256: str) -> bool:
-        """Acquired by a commit not finished yet: its count is ahead of the rows on purpose."""
-        with self._pending_lock:
-            return sha256 in self._pending
+    def discard(self, sha256: str) -> None:
+        """Remove a blob file made by an `acquire` whose transaction is rolling back."""
+        try:
+            os.unlink(self.path_of(sha256))
+        except FileNotFoundError:
+            pass
 
     def release(self, sha256: str) -> bool:
         """Drop one reference; the blob file goes with the last one. True if it went."""

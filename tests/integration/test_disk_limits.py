@@ -209,10 +209,14 @@ def lines_naming(log: str, text: str) -> list[str]:
 # -- 1. the disk fills between the data and the metadata --------------------------------------
 
 
-@pytest.mark.parametrize("protocol", ["v", "jwt"])
-def test_full_disk_at_the_metadata_write_leaves_nothing(servers, mounts, protocol: str) -> None:
+def blob_files(store: Path) -> list[Path]:
+    return [p for p in (store / ".hmacfs" / "blobs").rglob("*") if p.is_file()]
+
+
+@pytest.mark.parametrize("protocol,dedup", [("v", False), ("jwt", False), ("v", True)])
+def test_full_disk_at_the_metadata_write_leaves_nothing(servers, mounts, protocol: str, dedup: bool) -> None:
     store = mounts("store", "8m")
-    srv = servers(on(store))
+    srv = servers({**on(store), "deduplication": {"enabled": dedup}})
     warm, warm_headers = upload_target(srv, "v", f"{uuid.uuid4()}/warm.txt", 1)
     assert request(srv.port, "PUT", warm, b"w", warm_headers).status == 201  # the SQLite WAL exists now
     wal = store / ".hmacfs" / "meta.sqlite3-wal"
@@ -233,6 +237,8 @@ def test_full_disk_at_the_metadata_write_leaves_nothing(servers, mounts, protoco
     # failed on the next one (a failure on the data would have left the WAL untouched).
     assert wal.stat().st_size > wal_before, "the metadata write was never attempted"
     assert_nothing_left(srv, store, path)
+    if dedup:
+        assert len(blob_files(store)) == 1  # the warm-up file's blob; no orphan from the failed upload
     assert_up_and_clean(srv)
 
     (store / "filler").unlink()
@@ -479,3 +485,32 @@ def test_second_server_on_a_store_in_use_refuses(servers, tmp_path: Path) -> Non
     assert got.status == 200 and got.body == b"h" * size
     assert temp_files(storage) == []
     assert_up_and_clean(b2)
+
+
+# -- 7. deduplication across filesystems: metadata references ----------------------------------
+
+
+def test_blobs_on_another_filesystem_are_metadata_references(servers, mounts) -> None:
+    """No hard link can cross filesystems: each path is a row that points at its blob. The
+    409 rule, downloads, deletes and a missing blob (500, logged once) all still hold."""
+    store, elsewhere = mounts("store", "16m"), mounts("blobs", "16m")
+    srv = servers({**on(store), "deduplication": {"enabled": True, "directory": str(elsewhere)}})
+    data = os.urandom(50_000)
+    a, b = f"{uuid.uuid4()}/a.bin", f"{uuid.uuid4()}/b.bin"
+    for p in (a, b):
+        assert request(srv.port, "PUT", signed_put(srv.prefix, srv.secret, p, len(data)), data).status == 201
+        assert not (store / p).exists()  # no file at the path: a reference
+    assert len([p for p in elsewhere.rglob("*") if p.is_file()]) == 1
+    assert request(srv.port, "PUT", signed_put(srv.prefix, srv.secret, a, len(data)), data).status == 409
+    got = request(srv.port, "GET", url_path(srv.prefix, a), headers={"Range": "bytes=10-19"})
+    assert got.status == 206 and got.body == data[10:20]
+    r = request(srv.port, "DELETE", signed_v3(srv.prefix, srv.secret, a, "DELETE", int(time.time()) + 60))
+    assert r.status == 204 and request(srv.port, "GET", url_path(srv.prefix, a)).status == 404
+    assert request(srv.port, "GET", url_path(srv.prefix, b)).body == data
+    blob = next(p for p in elsewhere.rglob("*") if p.is_file())
+    blob.unlink()  # an operator's mistake: the bytes behind a row are gone
+    for _ in range(2):
+        assert request(srv.port, "GET", url_path(srv.prefix, b)).status == 500
+    assert len(lines_naming(srv.log(), "stored bytes missing")) == 1
+    assert "Traceback" not in srv.log()
+    assert request(srv.port, "GET", "/health").status == 200
