@@ -272,3 +272,22 @@ def test_precaching_warms_in_the_background_and_ready_says_when(hmacfs_factory, 
     assert metric(srv, "hmacfs_ready_warm") == 1
     assert "precaching: 300 file(s)" in srv.log()
     assert get(srv, "u7/x/f.txt").body == b"7"
+
+
+# -- metadata from a newer version ------------------------------------------------------------------
+
+def test_metadata_from_a_newer_hmacfs_is_refused_clearly(hmacfs_factory) -> None:
+    import sqlite3
+
+    srv = hmacfs_factory()
+    path = f"{uuid.uuid4()}/keep.txt"
+    assert put(srv, path, b"kept").status == 201
+    srv.stop()
+    db = sqlite3.connect(srv.storage / ".hmacfs" / "meta.sqlite3")
+    db.execute("PRAGMA user_version = 99")
+    db.commit()
+    db.close()
+    with pytest.raises(RuntimeError) as e:
+        srv.start()
+    assert "written by a newer hmacfs (schema 99" in str(e.value) and "Traceback" not in str(e.value)
+    assert (srv.storage / path).read_bytes() == b"kept"  # nothing touched
