@@ -261,16 +261,16 @@ class UploadPipeline:
         return False
 
     def _write_rows(self, record: FileRecord, kept: Optional[VersionRecord]) -> None:
-        """The row of a placed upload (and of the version it replaced), in one transaction."""
-        with self.meta.transaction():
-            if kept is not None:
+        """The row of a placed upload (with the version it replaced: one transaction)."""
+        if kept is not None:
+            with self.meta.transaction():
                 self.meta.add_version(kept)
                 self.meta.put(record)
-            elif not self.meta.put_new(record):
-                if not record.ref and self._stale_row(record.path):
-                    self.meta.put(record)  # a row left behind by a file deleted outside hmacfs
-                else:
-                    raise PathConflict(record.path)
+        elif not self.meta.put_new(record):  # one statement: atomic by itself
+            if not record.ref and self._stale_row(record.path):
+                self.meta.put(record)  # a row left behind by a file deleted outside hmacfs
+            else:
+                raise PathConflict(record.path)
 
     def _stale_row(self, path: str) -> bool:
         old = self.meta.get(path)
