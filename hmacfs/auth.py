@@ -140,6 +140,8 @@ def jwt_decode(keys: Sequence[bytes], token: str) -> dict:
         signature = _unb64url(signature_b64)
     except (ValueError, binascii.Error):
         raise HTTPError(401, "malformed bearer token", bearer) from None
+    if _b64url(signature) != signature_b64:  # unused trailing bits set: one signature, one spelling
+        raise HTTPError(401, "malformed bearer token", bearer)
     if not _any_key_signs(keys, f"{header_b64}.{payload_b64}".encode("ascii"), signature, as_hex=False):
         raise HTTPError(401, "bearer token signature mismatch", bearer)
     try:

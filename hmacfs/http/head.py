@@ -69,6 +69,8 @@ def read_line(rfile: BinaryIO, limit: int, too_long: int) -> bytes:
 
 def read_fields(rfile: BinaryIO, budget: int) -> list[bytes]:
     """Header field lines up to the empty line, `budget` bytes in all (431 beyond)."""
+    if budget < 0:  # the request line alone took more than the whole head may have
+        raise HTTPError(431, "request headers too large")
     lines: list[bytes] = []
     while True:
         line = read_line(rfile, min(MAX_FIELD_LINE, max(budget, 2)), 431)

@@ -174,3 +174,15 @@ def test_verify_mac_uses_constant_time_compare(monkeypatch) -> None:
     monkeypatch.setattr(auth.hmac, "compare_digest", lambda a, b: calls.append(1) or real(a, b))
     auth.verify_mac([b"a", b"b"], b"m", "00")
     assert len(calls) == 2  # every key compared, no early exit
+
+
+def test_jwt_signature_has_one_spelling() -> None:
+    """base64url leaves two bits of the last character unused; a token with them set is refused
+    (otherwise one signature would verify under several token strings)."""
+    header, payload, sig = PROSODY_JWT.split(".")
+    assert auth.jwt_decode(SECRET, PROSODY_JWT)["slot"]
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    twin = sig[:-1] + alphabet[alphabet.index(sig[-1]) ^ 1]
+    with pytest.raises(HTTPError) as e:
+        auth.jwt_decode(SECRET, f"{header}.{payload}.{twin}")
+    assert e.value.status == 401
