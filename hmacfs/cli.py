@@ -1,17 +1,22 @@
-"""Command line: `hmacfs [-config FILE] [serve | sign | check-config | version]`.
+"""Command line: `hmacfs [-config FILE] [serve | sign | check-config | version | files | usage |
+reindex | rekey]`.
 
 Single-dash long options (`-config`, `-version`) are accepted as the seeds' Go server
-spells them, next to the usual `--config`.
+spells them, next to the usual `--config`. The store-management verbs (`files list`,
+`files delete`, `usage`, `reindex`, `rekey`) work beside a running server through the same
+metadata (see manage.py); they print what they did and exit 0, 2 for a usage or config
+error, 1 when the store cannot be opened or the work fails.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import mimetypes
 import os
 import sys
 import time
 import uuid
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Iterable, Iterator, Optional, Sequence
 from urllib.parse import quote
 
 from . import __version__, auth
@@ -19,7 +24,11 @@ from . import config as config_mod
 from .errors import ConfigError, StartupError
 from .units import parse_duration
 
-VERBS = ("serve", "sign", "check-config", "version")
+if TYPE_CHECKING:
+    from .manage import Tools
+
+VERBS = ("serve", "sign", "check-config", "version", "files", "usage", "reindex", "rekey")
+MANAGE_VERBS = ("files", "usage", "reindex", "rekey")
 SINGLE_DASH = {"-config": "--config", "-version": "--version", "-help": "--help"}
 
 
@@ -36,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "(XEP-0363 external upload service).")
     p.add_argument("--config", "-c", metavar="FILE", help="TOML config file (also -config)")
     p.add_argument("--version", action="store_true", help="print the version and exit (also -version)")
-    sub = p.add_subparsers(dest="verb", metavar="{serve,sign,check-config,version}")
+    sub = p.add_subparsers(dest="verb", metavar="{" + ",".join(VERBS) + "}")
     cfg_help = "TOML config file"
     serve = sub.add_parser("serve", help="run the server (the default)")
     serve.add_argument("--config", "-c", dest="sub_config", metavar="FILE", help=cfg_help)
@@ -58,7 +67,48 @@ def build_parser() -> argparse.ArgumentParser:
     sign.add_argument("--expires-in", default="1h", help="validity of v3/jwt URLs (default 1h)")
     sign.add_argument("--file-expires-in", help="jwt: the file's own lifetime (the 'expires' claim)")
     sign.add_argument("--base-url", help="scheme://host[:port] the client uses (default: from listenport)")
+    _add_manage_parsers(sub, cfg_help)
     return p
+
+
+def _add_manage_parsers(sub, cfg_help: str) -> None:
+    """`files list|delete`, `usage`, `reindex`, `rekey`: store management beside a running server."""
+    files = sub.add_parser("files", help="list or delete stored files (works while the server runs)",
+                           description="List or delete stored files through the server's metadata.")
+    files_sub = files.add_subparsers(dest="files_verb", metavar="{list,delete}")
+    listing = files_sub.add_parser("list", help="list stored files",
+                                   description="List stored files (every given selector must match).")
+    delete = files_sub.add_parser(
+        "delete", help="delete stored files with their versions and blob references",
+        description="Delete the selected files, their kept versions and their blob references (a "
+        "deduplicated blob goes with its last reference). Needs a selector or paths; every given "
+        "selector must match.")
+    for parser in (listing, delete):
+        parser.add_argument("--config", "-c", dest="sub_config", metavar="FILE", help=cfg_help)
+        parser.add_argument("--uploader", help="only files of this uploader (exact)")
+        parser.add_argument("--prefix", help="only paths starting with this string (exact)")
+        parser.add_argument("--older-than", metavar="DURATION",
+                            help="only files stored longer ago than this, e.g. 30d, 12h, 0s")
+    listing.add_argument("--json", action="store_true", help="print one JSON list")
+    delete.add_argument("paths", nargs="*", metavar="PATH", help="signed paths to delete, e.g. abc/photo.jpg")
+    delete.add_argument("--dry-run", action="store_true", help="print what would be deleted; delete nothing")
+    usage = sub.add_parser("usage", help="files and bytes per uploader and in all, logical and on disk")
+    usage.add_argument("--config", "-c", dest="sub_config", metavar="FILE", help=cfg_help)
+    usage.add_argument("--json", action="store_true", help="print one JSON object")
+    reindex = sub.add_parser("reindex", help="record metadata for files already in the store (adoption)",
+                             description="Hash the files in the store that have no metadata (an adopted "
+                             "prosody-filer directory) or stale metadata, and record sha256, size and type "
+                             "by extension. Files are only read, never changed.")
+    reindex.add_argument("--config", "-c", dest="sub_config", metavar="FILE", help=cfg_help)
+    reindex.add_argument("--json", action="store_true", help="print the counts as one JSON object")
+    rekey = sub.add_parser("rekey", help="re-encrypt files under the keyfile's current key",
+                           description="Re-encrypt every encrypted file (current files, kept versions, blobs) "
+                           "whose key is not the keyfile's first one, so older keys can then be removed. "
+                           "Reload (SIGHUP) or restart the server with the new keyfile first (it must know "
+                           "the new key to read rekeyed files). Safe to interrupt and to run again.")
+    rekey.add_argument("--config", "-c", dest="sub_config", metavar="FILE", help=cfg_help)
+    rekey.add_argument("--dry-run", action="store_true", help="list the files that would be re-encrypted")
+    rekey.add_argument("--json", action="store_true", help="print the counts as one JSON object")
 
 
 def _resolve_config_path(args: argparse.Namespace) -> Optional[str]:
@@ -84,6 +134,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _check_config(cfg)
     if verb == "sign":
         return _sign(cfg, args)
+    if verb in MANAGE_VERBS:
+        return _manage(cfg, args)
     return _serve(cfg)
 
 
@@ -194,3 +246,206 @@ def _sign(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     if protocol in ("v2", "token") and method == "PUT":
         print(f"hmacfs sign: send the header 'Content-Type: {ctype}' with the PUT", file=sys.stderr)
     return 0
+
+
+# -- store management -------------------------------------------------------------------------------
+
+def _manage(cfg: config_mod.Config, args: argparse.Namespace) -> int:
+    """Run one management verb; every failure is one line on stderr (no traceback)."""
+    import sqlite3
+
+    from . import manage
+    from .errors import HTTPError
+
+    verb = args.verb if args.verb != "files" else f"files {args.files_verb or ''}".strip()
+    for w in cfg.warnings:
+        print(f"hmacfs: warning: {w}", file=sys.stderr)
+    if args.verb == "files" and not args.files_verb:
+        print("hmacfs files: give 'list' or 'delete' (see hmacfs files --help)", file=sys.stderr)
+        return 2
+    try:
+        older_than = _older_than(args)
+        if args.verb == "files" and args.files_verb == "delete":
+            _check_selectors(args, older_than)
+        tools = manage.open_store(cfg, keys=args.verb in ("reindex", "rekey"))
+        try:
+            if args.verb == "usage":
+                return _usage(tools, args)
+            if args.verb == "reindex":
+                return _reindex(tools, args)
+            if args.verb == "rekey":
+                return _rekey(tools, args)
+            if args.files_verb == "list":
+                return _files_list(tools, args, older_than)
+            return _files_delete(tools, args, older_than)
+        finally:
+            tools.close()
+    except manage.UsageError as e:
+        print(f"hmacfs {verb}: {e}", file=sys.stderr)
+        return 2
+    except StartupError as e:
+        print(f"hmacfs {verb}: {e}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 1
+    except KeyboardInterrupt:  # rekey and reindex stop cleanly between files; a rerun goes on
+        print(f"hmacfs {verb}: interrupted", file=sys.stderr)
+        return 130
+    except (OSError, sqlite3.Error, HTTPError) as e:
+        print(f"hmacfs {verb}: failed: {e}", file=sys.stderr)
+        return 1
+
+
+def _quiet_stdout() -> None:
+    """After the reader of stdout went away (`| head`): no second error when Python flushes at exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except OSError:
+        pass
+
+
+def _older_than(args: argparse.Namespace) -> Optional[float]:
+    from .manage import UsageError
+
+    text = getattr(args, "older_than", None)
+    if text is None:
+        return None
+    try:
+        return parse_duration(text)
+    except ValueError as e:
+        raise UsageError(f"--older-than {text!r}: {e}") from None
+
+
+def _check_selectors(args: argparse.Namespace, older_than: Optional[float]) -> None:
+    from .manage import UsageError, check_path
+
+    if args.prefix == "":
+        raise UsageError("--prefix must not be empty")
+    if args.uploader is None and args.prefix is None and older_than is None and not args.paths:
+        raise UsageError("refusing to delete without a selector: give --uploader, --prefix, --older-than or paths")
+    args.paths = [check_path(p) for p in args.paths]
+
+
+def _files_list(tools: Tools, args: argparse.Namespace, older_than: Optional[float]) -> int:
+    from .manage import iso, list_files, record_json, show
+
+    records = list_files(tools, args.uploader, args.prefix, older_than)
+    if args.json:
+        _print_json_list(record_json(r) for r in records)
+        return 0
+    rows = ((show(r.path), str(r.size), show(r.uploader) if r.uploader is not None else "-", iso(r.created) or "-",
+             iso(r.expires) or "-") for r in records)
+    _print_table(("PATH", "SIZE", "UPLOADER", "CREATED", "EXPIRES"), rows, right=(1,))
+    return 0
+
+
+def _print_json_list(items: Iterable[dict]) -> None:
+    """One JSON list, written item by item (memory stays flat for any number of files)."""
+    out = sys.stdout
+    first = True
+    for item in items:
+        out.write(("[\n  " if first else ",\n  ") + json.dumps(item, ensure_ascii=False))
+        first = False
+    out.write("[]\n" if first else "\n]\n")
+
+
+def _print_table(header: Sequence[str], rows: Iterable[Sequence[str]], right: Sequence[int] = (),
+                 sample: int = 10000) -> None:
+    """Aligned columns; widths come from the header and the first `sample` rows, so any number of
+    rows streams (a longer value further on just pushes its line)."""
+    it: Iterator[Sequence[str]] = iter(rows)
+    head: list[Sequence[str]] = []
+    for row in it:
+        head.append(row)
+        if len(head) >= sample:
+            break
+    widths = [max([len(header[i])] + [len(r[i]) for r in head]) for i in range(len(header))]
+
+    def line(row: Sequence[str]) -> str:
+        cells = [cell.rjust(widths[i]) if i in right else cell.ljust(widths[i]) for i, cell in enumerate(row)]
+        return "  ".join(cells).rstrip()
+
+    print(line(header))
+    for row in head:
+        print(line(row))
+    for row in it:
+        print(line(row))
+
+
+def _files_delete(tools: Tools, args: argparse.Namespace, older_than: Optional[float]) -> int:
+    from .manage import delete_files, show
+
+    missing: list[str] = []
+    unselected: list[str] = []
+    done = delete_files(tools, args.uploader, args.prefix, older_than, args.paths, args.dry_run,
+                        missing=missing, unselected=unselected)
+    for path in done:
+        print(show(path))
+    for path in missing:
+        print(f"hmacfs files delete: not found: {show(path)}", file=sys.stderr)
+    for path in unselected:
+        print(f"hmacfs files delete: kept (does not match the selectors): {show(path)}", file=sys.stderr)
+    if args.dry_run:
+        print(f"hmacfs files delete: dry run: {len(done)} file(s) would be deleted; nothing was deleted",
+              file=sys.stderr)
+    else:
+        print(f"hmacfs files delete: deleted {len(done)} file(s)", file=sys.stderr)
+    return 1 if missing else 0
+
+
+def _usage(tools: Tools, args: argparse.Namespace) -> int:
+    from .manage import show, usage
+
+    report = usage(tools)
+    if args.json:
+        print(json.dumps(report, ensure_ascii=False, indent=2))
+        return 0
+    rows = [(show(u["uploader"]), str(u["files"]), str(u["bytes"])) for u in report["uploaders"]]
+    if report["unattributed"]["files"]:
+        rows.append(("(no uploader)", str(report["unattributed"]["files"]), str(report["unattributed"]["bytes"])))
+    t = report["total"]
+    rows.append(("total", str(t["files"]), str(t["logical_bytes"])))
+    _print_table(("UPLOADER", "FILES", "BYTES"), rows, right=(1, 2))
+    print(f"\non disk: {t['physical_bytes']} bytes in {t['inodes']} file(s); {t['blobs']} deduplicated blob(s) "
+          f"of {t['blob_bytes']} bytes save {t['dedup_saved_bytes']} bytes")
+    print("(files and bytes count current files and kept versions, at their plaintext size)")
+    return 0
+
+
+def _reindex(tools: Tools, args: argparse.Namespace) -> int:
+    from .manage import reindex
+
+    report = reindex(tools)
+    if args.json:
+        print(json.dumps(report.as_dict(), ensure_ascii=False, indent=2))
+    else:
+        for problem in report.problems:
+            print(f"hmacfs reindex: {problem}", file=sys.stderr)
+        print(f"reindex: {report.scanned} file(s) scanned: {report.added} added, {report.updated} updated, "
+              f"{report.unchanged} unchanged, {report.skipped} skipped")
+    return 0
+
+
+def _rekey(tools: Tools, args: argparse.Namespace) -> int:
+    from .manage import rekey, show
+
+    report = rekey(tools, args.dry_run)
+    if args.json:
+        print(json.dumps(report.as_dict(), ensure_ascii=False, indent=2))
+    else:
+        for path in report.paths:
+            print(show(path))
+        for problem in report.problems:
+            print(f"hmacfs rekey: {problem}", file=sys.stderr)
+        current = tools.keyring.current_id
+        if args.dry_run:
+            print(f"rekey (dry run): {report.rekeyed} of {report.encrypted} encrypted file(s) would be re-encrypted "
+                  f"under key {current!r}; nothing was changed", file=sys.stderr)
+        else:
+            print(f"rekey: {report.rekeyed} file(s) re-encrypted under key {current!r} ({report.names} name(s), "
+                  f"{report.rows} row(s)), {report.relinked} relinked to their blob, {report.repaired} row(s) "
+                  f"repaired, {report.current} already current, {report.failed} failed, {report.remaining} "
+                  "left under an older key", file=sys.stderr)
+    return 1 if report.failed or report.remaining else 0

@@ -58,7 +58,8 @@ class OutsideRoot(HTTPError):
 class LocalStore:
     """Plain files below a root directory."""
 
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, lock: bool = True) -> None:
+        """`lock=False` is for the management tools, which work beside a running server."""
         try:
             os.makedirs(root, exist_ok=True)
             self.root = os.path.realpath(root)
@@ -66,7 +67,7 @@ class LocalStore:
             self.tmp_dir = os.path.join(self.internal, "tmp")
             self.versions_dir = os.path.join(self.internal, "versions")
             os.makedirs(self.tmp_dir, mode=0o700, exist_ok=True)
-            self._lock_fd = _lock_store(os.path.join(self.internal, "lock"))
+            self._lock_fd = _lock_store(os.path.join(self.internal, "lock")) if lock else -1
         except OSError as e:
             raise StartupError(f"storage directory {root!r} is not usable: {e.strerror or e}") from None
         # Longest signed path whose full name stays below PATH_MAX (a long root leaves less).
