@@ -121,6 +121,11 @@ class App:
         self.secrets = config.secrets
         self.jwt_secrets = config.jwt_secrets
         self.delete_secret = config.security.deletesecret
+        if config.encryption.enabled and self.keyring is not None and config.encryption == self.config.encryption:
+            try:  # a rotated keyfile: new uploads under its first key, every key readable
+                self.keyring = self.pipeline.keyring = load_keyring(config)
+            except StartupError as e:
+                log.error("config reload: keeping the current keys: %s", e)
         changed = [s for s in config.sections if s != "security" and
                    config.sections[s] != self.config.sections[s]]
         if changed:

@@ -73,10 +73,10 @@ class Catalog:
 
         The rows are taken from the database in one transaction (not from a cache), so a
         reference is released exactly once even if another process removed the path first."""
-        had_file = self.store.delete(path)
-        with self.meta.transaction():
+        with self.meta.transaction():  # the unlink inside it: a rekey or an upload cannot interleave
             record = self.meta.take(path)
             versions = self.meta.drop_versions(path, 0)
+            had_file = self.store.delete(path)
         if self.on_remove is not None:
             self.on_remove(path)
         if record is not None and record.blob is not None and self.blobs is not None:

@@ -20,16 +20,15 @@ import threading
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Callable, Iterator, Optional, Protocol
+from typing import Callable, Iterator, Optional, Protocol
 
 from .errors import storage_full
 from .meta import FileRecord, MetaStore
 from .meta.record import VersionRecord
 from .storage.blobs import LINK_LIMIT_ERRNOS, BlobStore
+from .storage.encrypted import MAGIC as ENCRYPTED_MAGIC
+from .storage.encrypted import EncryptedFileError, Keyring, SegmentWriter, plaintext_digest
 from .storage.local import LocalStore, PathConflict
-
-if TYPE_CHECKING:
-    from .storage.encrypted import Keyring
 
 log = logging.getLogger("hmacfs")
 SPACE_CHECK_BYTES = 1024 * 1024  # free space is re-checked after every MiB received
@@ -69,8 +68,6 @@ class _Sink:
         self.f = f
         self.writer = None
         if keyring is not None:
-            from .storage.encrypted import SegmentWriter
-
             self.writer = SegmentWriter(f, keyring, segment_size)
 
     def write(self, chunk: memoryview) -> None:
@@ -198,7 +195,7 @@ class UploadPipeline:
             return None
         fd, st = opened
         try:
-            return record_for_file(self.meta, path, record, fd, st)
+            return record_for_file(self.meta, path, record, fd, st, self.keyring)
         finally:
             os.close(fd)
 
@@ -347,19 +344,30 @@ def hash_fd(fd: int, size: int) -> str:
 
 
 def record_for_file(meta: MetaStore, signed_path: str, record: Optional[FileRecord], fd: int,
-                    st: os.stat_result, guess_type: Optional[Callable[[str], str]] = None) -> FileRecord:
-    """A metadata row for a plain file that has none (adopted store, a crash between commit and
-    record) or whose row is stale (changed outside hmacfs): hashed once, then recorded."""
+                    st: os.stat_result, keyring: Optional[Keyring] = None) -> FileRecord:
+    """A metadata row for a file that has none (adopted store, a crash between commit and
+    record) or whose row is stale (changed outside hmacfs): hashed once, then recorded. An
+    encrypted file is recognised by its header and hashed through its decrypted segments
+    (with the keyring; without one, or if it does not decrypt, it is taken as plain bytes)."""
     if record is not None and record_matches(record, st):
         return record
+    size, sha256, encrypted = st.st_size, None, False
+    if keyring is not None and os.pread(fd, len(ENCRYPTED_MAGIC), 0) == ENCRYPTED_MAGIC:
+        try:
+            size, sha256 = plaintext_digest(fd, keyring, st.st_size)
+            encrypted = True
+        except EncryptedFileError as e:
+            log.warning("%r starts like an encrypted file but does not decrypt (%s): taken as plain", signed_path, e)
+    if sha256 is None:
+        sha256 = hash_fd(fd, st.st_size)
     if record is None:
-        from .http.httpmsg import guess_type as by_extension
+        from .http.httpmsg import guess_type
 
-        rebuilt = FileRecord(path=signed_path, size=st.st_size, content_type=(guess_type or by_extension)(signed_path),
-                             sha256=hash_fd(fd, st.st_size), created=st.st_mtime, mtime_ns=st.st_mtime_ns)
+        rebuilt = FileRecord(path=signed_path, size=size, content_type=guess_type(signed_path), sha256=sha256,
+                             created=st.st_mtime, mtime_ns=st.st_mtime_ns, encrypted=encrypted)
     else:
-        rebuilt = replace(record, size=st.st_size, sha256=hash_fd(fd, st.st_size), mtime_ns=st.st_mtime_ns,
-                          blob=None, ref=False, encrypted=False)
+        rebuilt = replace(record, size=size, sha256=sha256, mtime_ns=st.st_mtime_ns, blob=None, ref=False,
+                          encrypted=encrypted)
     meta.put(rebuilt)
     return rebuilt
 

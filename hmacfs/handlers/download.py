@@ -93,8 +93,8 @@ def _serve_opened(app: App, ex: Exchange, signed_path: str, record: Optional[Fil
     fd, st = opened
     try:
         if record is None or not (record.ref or record.encrypted):
-            record = record_for_file(app.meta, signed_path, record, fd, st)
-            if st.st_size <= app.hot.max_file:
+            record = record_for_file(app.meta, signed_path, record, fd, st, app.keyring)
+            if st.st_size <= app.hot.max_file and not record.encrypted:
                 data = os.pread(fd, st.st_size, 0)
                 app.hot.put(signed_path, Identity.of(st), data)
                 _serve(app, ex, signed_path, record, st, data=data)

@@ -33,6 +33,8 @@ _MEDIA_TYPE = re.compile(rf"{_TOKEN}/{_TOKEN}([ \t]*;[ \t]*{_TOKEN}=({_TOKEN}|{_
 MAX_RANGE_DIGITS = 19
 
 _mimetypes = mimetypes.MimeTypes(filenames=())  # a fixed table: no host /etc/mime.types surprises
+_COMPRESSED = {"gzip": "application/gzip", "bzip2": "application/x-bzip2", "xz": "application/x-xz",
+               "compress": "application/x-compress", "br": "application/x-brotli"}
 
 
 def http_date(ts: Optional[float] = None) -> str:
@@ -61,7 +63,9 @@ def clean_content_type(value: Optional[str]) -> Optional[str]:
 
 def guess_type(path: str) -> str:
     """Content type by extension, application/octet-stream when unknown."""
-    guessed, _ = _mimetypes.guess_type(path, strict=False)
+    guessed, encoding = _mimetypes.guess_type(path, strict=False)
+    if encoding is not None:  # "x.tar.gz" is a gzip file, not a tar file (the encoding wins)
+        return _COMPRESSED.get(encoding, "application/octet-stream")
     return guessed or "application/octet-stream"
 
 

@@ -119,6 +119,9 @@ class SqliteMeta:
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA cache_size=-512")  # KiB; rows are small and hot ones are cached above
             self._migrate()
+        except StartupError:
+            self._db.close()
+            raise
         except sqlite3.Error as e:
             raise StartupError(f"metadata database {db_path!r} cannot be opened for writing: {e}") from None
 

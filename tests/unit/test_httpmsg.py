@@ -56,3 +56,10 @@ def test_clean_content_type() -> None:
     assert httpmsg.clean_content_type("text/plain; charset=utf-8") == "text/plain; charset=utf-8"
     for bad in ("", "text", "text/plain\r\nX: y", "a/b; c", None):
         assert httpmsg.clean_content_type(bad) is None
+
+
+@pytest.mark.parametrize("name, expected", [("a.tar.gz", "application/gzip"), ("a.svgz", "application/gzip"),
+                                            ("a.tar.xz", "application/x-xz"), ("a.png", "image/png"),
+                                            ("noext", "application/octet-stream")])
+def test_guess_type_lets_the_compression_win(name: str, expected: str) -> None:
+    assert httpmsg.guess_type(name) == expected
