@@ -26,7 +26,7 @@ from .catalog import Catalog
 from .config import Config
 from .errors import HTTPError
 from .meta import FileRecord, SqliteMeta
-from .pipeline import record_for_file, record_matches
+from .pipeline import rebuilt_record, record_for_file, record_matches
 from .policy.paths import decode_segment
 from .storage.blobs import BlobStore
 from .storage.encrypted import plaintext_digest
@@ -315,20 +315,13 @@ def _index_encrypted(tools: Tools, rel: str, record: Optional[FileRecord], fd: i
     """Record an encrypted file from its decrypted content; the reason it cannot be, or None."""
     if tools.keyring is None:
         return "the file is encrypted and [encryption] is not configured"
-    from .http.httpmsg import guess_type
     from .storage.encrypted import EncryptedFileError
 
     try:
         size, sha256 = plaintext_digest(fd, tools.keyring, st.st_size)
     except EncryptedFileError as e:
         return f"cannot decrypt it: {e}"
-    if record is None:
-        rebuilt = FileRecord(path=rel, size=size, content_type=guess_type(rel), sha256=sha256,
-                             created=st.st_mtime, mtime_ns=st.st_mtime_ns, encrypted=True)
-    else:
-        rebuilt = replace(record, size=size, sha256=sha256, mtime_ns=st.st_mtime_ns, blob=None, ref=False,
-                          encrypted=True)
-    tools.meta.put(rebuilt)
+    tools.meta.put(rebuilt_record(rel, record, st, size, sha256, encrypted=True))
     return None
 
 

@@ -360,16 +360,22 @@ def record_for_file(meta: MetaStore, signed_path: str, record: Optional[FileReco
             log.warning("%r starts like an encrypted file but does not decrypt (%s): taken as plain", signed_path, e)
     if sha256 is None:
         sha256 = hash_fd(fd, st.st_size)
+    rebuilt = rebuilt_record(signed_path, record, st, size, sha256, encrypted)
+    meta.put(rebuilt)
+    return rebuilt
+
+
+def rebuilt_record(signed_path: str, record: Optional[FileRecord], st: os.stat_result, size: int, sha256: str,
+                   encrypted: bool) -> FileRecord:
+    """The row for a file as found on disk: a new one (type by extension, created = mtime), or
+    the old one with what the file now says (it is no longer a blob reference)."""
     if record is None:
         from .http.httpmsg import guess_type
 
-        rebuilt = FileRecord(path=signed_path, size=size, content_type=guess_type(signed_path), sha256=sha256,
-                             created=st.st_mtime, mtime_ns=st.st_mtime_ns, encrypted=encrypted)
-    else:
-        rebuilt = replace(record, size=size, sha256=sha256, mtime_ns=st.st_mtime_ns, blob=None, ref=False,
-                          encrypted=encrypted)
-    meta.put(rebuilt)
-    return rebuilt
+        return FileRecord(path=signed_path, size=size, content_type=guess_type(signed_path), sha256=sha256,
+                          created=st.st_mtime, mtime_ns=st.st_mtime_ns, encrypted=encrypted)
+    return replace(record, size=size, sha256=sha256, mtime_ns=st.st_mtime_ns, blob=None, ref=False,
+                   encrypted=encrypted)
 
 
 def record_matches(record: Optional[FileRecord], st: os.stat_result) -> bool:

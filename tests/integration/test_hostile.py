@@ -196,6 +196,16 @@ def _wait_closed(s: socket.socket, seconds: float) -> bool:
         return True
 
 
+def health_from_another_address(srv) -> int:
+    """/health from 127.0.0.2 (the loopback range is all local): a client that is not the flood."""
+    with socket.socket() as other:
+        other.bind(("127.0.0.2", 0))
+        other.settimeout(5)
+        other.connect(("127.0.0.1", srv.port))
+        other.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        return status_of(other.recv(4096))
+
+
 def test_silent_connection_is_cut_at_readheadertimeout(srv) -> None:
     """readheadertimeout is 2 s here, idletimeout the default hour."""
     with socket.create_connection(("127.0.0.1", srv.port)) as s:
@@ -217,12 +227,7 @@ def test_one_address_cannot_take_every_connection(srv) -> None:
             time.sleep(0.05)  # the accept thread admits the held sockets in order
         assert status_of(reply) == 503 and b"Retry-After: 5" in reply
         assert all(h in reply for h in SECURITY)
-        with socket.socket() as other:
-            other.bind(("127.0.0.2", 0))
-            other.settimeout(5)
-            other.connect(("127.0.0.1", srv.port))
-            other.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            assert status_of(other.recv(4096)) == 200
+        assert health_from_another_address(srv) == 200
     finally:
         for s in held:
             s.close()
@@ -234,12 +239,7 @@ def test_thousand_silent_sockets_from_one_address_do_not_block_others(hmacfs_fac
     try:
         for _ in range(1000):
             held.append(socket.create_connection(("127.0.0.1", srv.port), timeout=5))
-        with socket.socket() as other:
-            other.bind(("127.0.0.2", 0))
-            other.settimeout(5)
-            other.connect(("127.0.0.1", srv.port))
-            other.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            assert status_of(other.recv(4096)) == 200
+        assert health_from_another_address(srv) == 200
         text = request(srv.metrics_port, "GET", "/metrics").body.decode()
         refused = [line for line in text.splitlines() if line.startswith("hmacfs_connections_refused_total ")]
         assert refused and float(refused[0].split()[1]) >= 900
