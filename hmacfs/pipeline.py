@@ -32,6 +32,7 @@ from .storage.local import LocalStore, PathConflict
 
 log = logging.getLogger("hmacfs")
 SPACE_CHECK_BYTES = 1024 * 1024  # free space is re-checked after every MiB received
+UNLINK_LATER_BYTES = 64 * 1024 * 1024  # bigger temp files are unlinked after the response
 _FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -83,6 +84,10 @@ class _Sink:
         if self.writer is not None:
             self.writer.finish()
 
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.abort()
+
 
 class UploadPipeline:
     """Receives upload bodies and commits them into storage and metadata."""
@@ -118,20 +123,24 @@ class UploadPipeline:
         try:
             with f:
                 sink = _Sink(f, self.keyring, self.segment_size)
-                while True:
-                    n = body.readinto(buf)
-                    if not n:
-                        break
-                    chunk = buf[:n]
-                    digest.update(chunk)  # releases the GIL for large buffers
-                    sink.write(chunk)
-                    size += n
-                    if size >= next_check:
-                        next_check = size + SPACE_CHECK_BYTES
-                        to_come = expected - size if expected is not None else 0
-                        if store.free_bytes() - to_come < reserve:
-                            raise storage_full()
-                sink.finish()
+                try:
+                    while True:
+                        n = body.readinto(buf)
+                        if not n:
+                            break
+                        chunk = buf[:n]
+                        digest.update(chunk)  # releases the GIL for large buffers
+                        sink.write(chunk)
+                        size += n
+                        if size >= next_check:
+                            next_check = size + SPACE_CHECK_BYTES
+                            to_come = expected - size if expected is not None else 0
+                            if store.free_bytes() - to_come < reserve:
+                                raise storage_full()
+                    sink.finish()
+                except BaseException:
+                    sink.abort()  # before the file closes: a segment may still be being written
+                    raise
                 os.fsync(f.fileno())
         except OSError as e:
             store.discard_temp(temp_path)
@@ -183,7 +192,7 @@ class UploadPipeline:
                 raise storage_full() from None
             raise
         finally:
-            self.store.discard_temp(received.temp_path)
+            self.store.discard_temp(received.temp_path, later=received.size >= UNLINK_LATER_BYTES)
 
     def _current(self, path: str) -> Optional[FileRecord]:
         """The record of what is at `path` now (rebuilt from the file if it has none), or None."""

@@ -209,7 +209,7 @@ def _send_decrypted(app: App, ex: Exchange, signed_path: str, status: int, heade
 
     def pieces() -> Iterator[memoryview]:
         try:
-            yield from reader.iter_range(first, last) if last >= first else iter(())
+            yield from reader.iter_range_ahead(first, last) if last >= first else iter(())
         except TamperedError as e:
             app.metrics.tampered.inc()
             log.error("%r failed authentication (%s): %s", signed_path, e,
@@ -219,4 +219,8 @@ def _send_decrypted(app: App, ex: Exchange, signed_path: str, status: int, heade
                 raise ConnectionAbortedError("encrypted segment failed authentication") from None
             raise HTTPError(500, "the stored file failed its integrity check") from None
 
-    ex.send_stream(status, headers, last - first + 1, pieces())
+    stream = pieces()
+    try:
+        ex.send_stream(status, headers, last - first + 1, stream)
+    finally:
+        stream.close()  # waits for a segment read in flight: the caller closes the fd next

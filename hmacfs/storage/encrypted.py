@@ -56,6 +56,7 @@ import re
 import secrets
 import struct
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import BinaryIO, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from ..errors import StartupError
@@ -305,8 +306,12 @@ class SegmentWriter:
     """Encrypts a stream into the format above, with the ring's current key.
 
     Writes the header at once; `write` as data arrives; `finish` seals the final segment and
-    returns the plaintext size. The file is neither flushed to disk nor closed here. Memory:
-    one segment buffer (S + 28 bytes)."""
+    returns the plaintext size; `abort` waits for a seal in flight when the upload fails.
+    The file is neither flushed to disk nor closed here. A full segment is sealed (encrypted
+    and written) by a pool thread while the next one fills, so encryption overlaps receiving
+    and hashing on another core; one seal is in flight at most, so segments land in order.
+    Memory: two segment buffers (S + 28 bytes each), the second one only for files of more
+    than one segment."""
 
     def __init__(self, f: BinaryIO, keyring: Keyring, segment_size: int = DEFAULT_SEGMENT_SIZE) -> None:
         self._size = check_segment_size(segment_size)
@@ -315,6 +320,8 @@ class SegmentWriter:
         self._header = build_header(self.key_id, segment_size, secrets.token_bytes(FILE_ID_SIZE))
         self._f = f
         self._buf: Optional[memoryview] = memoryview(bytearray(NONCE_SIZE + segment_size + TAG_SIZE))
+        self._spare: Optional[memoryview] = None
+        self._in_flight: Optional[Future] = None
         self._fill = 0  # plaintext bytes waiting in the buffer
         self._index = 0
         self._total = 0
@@ -328,7 +335,7 @@ class SegmentWriter:
         size, pos = self._size, 0
         while pos < len(src):
             if self._fill == size:  # a full segment and more to come: it is not the last
-                self._seal(final=False)
+                buf = self._hand_off()
             take = min(size - self._fill, len(src) - pos)
             start = NONCE_SIZE + self._fill
             buf[start:start + take] = src[pos:pos + take]
@@ -339,23 +346,61 @@ class SegmentWriter:
         """Seal the final segment (empty only if nothing was written); return the plaintext size."""
         if self._buf is None:
             raise ValueError("finish called twice")
-        self._seal(final=True)
-        self._buf.release()
-        self._buf = None
+        self._wait()
+        self._seal(self._buf, self._fill, self._index, final=True)
+        self._total += self._fill
+        self._buf = self._spare = None
         return self._total
 
-    def _seal(self, final: bool) -> None:
-        buf, n = self._buf, self._fill
-        assert buf is not None
+    def abort(self) -> None:
+        """The upload failed: let a seal in flight end (its error is moot) before the file closes."""
+        try:
+            self._wait()
+        except Exception:  # noqa: S110 - the upload's own error is what the caller reports
+            pass
+        self._buf = self._spare = None
+
+    def _wait(self) -> None:
+        if self._in_flight is not None:
+            future, self._in_flight = self._in_flight, None
+            future.result()  # a write error (ENOSPC) surfaces here
+
+    def _hand_off(self) -> memoryview:
+        """Give the full buffer to a pool thread to seal; continue in the other one."""
+        self._wait()
+        full = self._buf
+        assert full is not None
+        self._in_flight = _pool().submit(self._seal, full, self._fill, self._index, False)
+        self._index += 1
+        self._total += self._fill
+        self._fill = 0
+        if self._spare is None:
+            self._spare = memoryview(bytearray(len(full)))
+        self._buf, self._spare = self._spare, full
+        return self._buf
+
+    def _seal(self, buf: memoryview, n: int, index: int, final: bool) -> None:
         nonce = secrets.token_bytes(NONCE_SIZE)
         buf[:NONCE_SIZE] = nonce
         end = NONCE_SIZE + n
         self._cipher.encrypt_into(buf[NONCE_SIZE:end + TAG_SIZE], nonce, buf[NONCE_SIZE:end],
-                                  segment_aad(self._header, self._index, final))
+                                  segment_aad(self._header, index, final))
         _write_all(self._f, buf[:end + TAG_SIZE])
-        self._index += 1
-        self._total += n
-        self._fill = 0
+
+
+_POOL: Optional[ThreadPoolExecutor] = None
+_POOL_LOCK = threading.Lock()
+
+
+def _pool() -> ThreadPoolExecutor:
+    """Threads that seal segments ahead of writers and open them ahead of readers (the crypto
+    and the I/O release the GIL, so this overlaps them with the request thread's work)."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max_workers=max(2, min(8, 2 * (os.cpu_count() or 1))),
+                                       thread_name_prefix="segments")
+        return _POOL
 
 
 # -- reading --
@@ -403,6 +448,34 @@ class SegmentReader:
             raise ValueError(f"range {first}-{last} is outside 0-{self.plaintext_size - 1}")
         view = self._buffer(buf)
         return self._pieces(first, last, view)
+
+    def iter_range_ahead(self, first: int, last: int) -> Iterator[memoryview]:
+        """Like `iter_range`, but the next segment is read and decrypted by a pool thread while
+        the caller uses the current piece (two buffers). Close the iterator (or exhaust it)
+        before closing the fd: closing waits for the read in flight."""
+        if not 0 <= first <= last < self.plaintext_size:
+            raise ValueError(f"range {first}-{last} is outside 0-{self.plaintext_size - 1}")
+        return self._pieces_ahead(first, last, (self._buffer(None), self._buffer(None)))
+
+    def _pieces_ahead(self, first: int, last: int, views: tuple[memoryview, memoryview]) -> Iterator[memoryview]:
+        size = self.segment_size
+        indices = range(first // size, last // size + 1)
+        pending: Optional[Future] = _pool().submit(self._open, indices[0], views[0])
+        try:
+            for k, index in enumerate(indices):
+                assert pending is not None
+                future, pending = pending, None
+                plain = future.result()  # TamperedError surfaces here, before the piece is used
+                if k + 1 < len(indices):
+                    pending = _pool().submit(self._open, indices[k + 1], views[(k + 1) % 2])
+                base = index * size
+                yield plain[max(first - base, 0):min(last - base + 1, len(plain))]
+        finally:
+            if pending is not None:  # stopped early: the read in flight must end before the fd closes
+                try:
+                    pending.result()
+                except Exception:  # noqa: S110 - nobody will use that piece
+                    pass
 
     def _pieces(self, first: int, last: int, view: memoryview) -> Iterator[memoryview]:
         size = self.segment_size

@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import queue
 import secrets
 import stat
 import threading
@@ -74,6 +75,7 @@ class LocalStore:
         self.max_path_bytes = PATH_MAX - len(os.fsencode(self.root)) - 2
         self._safe_dirs: set[str] = set()
         self._lock = threading.Lock()
+        self._unlink_queue: Optional[queue.SimpleQueue] = None
 
     def close(self) -> None:
         """Release the store (the lock goes with the process anyway)."""
@@ -182,11 +184,29 @@ class LocalStore:
             os.close(fd)
             raise
 
-    def discard_temp(self, temp_path: str) -> None:
+    def discard_temp(self, temp_path: str, later: bool = False) -> None:
+        """Remove a temp file; `later`: in a background thread, for big ones whose unlink frees
+        many blocks (a deduplicated 1 GiB upload: its bytes are already in the blob) and would
+        otherwise delay the response. A crash before that leaves it to the start-up sweep."""
+        if later:
+            self._unlinker().put(temp_path)
+            return
         try:
             os.unlink(temp_path)
         except FileNotFoundError:
             pass
+
+    def _unlinker(self) -> queue.SimpleQueue:
+        with self._lock:
+            if self._unlink_queue is None:
+                self._unlink_queue = queue.SimpleQueue()
+                threading.Thread(target=self._unlink_forever, name="unlinker", daemon=True).start()
+            return self._unlink_queue
+
+    def _unlink_forever(self) -> None:
+        assert self._unlink_queue is not None
+        while True:
+            self.discard_temp(self._unlink_queue.get())
 
     def sweep_temp(self) -> int:
         """Delete temp files a previous run left behind (after a crash); returns how many."""

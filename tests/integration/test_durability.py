@@ -9,7 +9,7 @@ import time
 import uuid
 from pathlib import Path
 
-from tests.support.client import put, request, signed_put, status_of, url_path
+from tests.support.client import put, request, signed_put, status_of, url_path, wait_for_gauge
 
 
 def visible_files(root: Path) -> list[Path]:
@@ -72,6 +72,7 @@ def test_sigterm_during_upload_completes_then_exits_0(hmacfs_factory) -> None:
     size = 5_000_000
     s = _start_partial_upload(srv, path, size, 3_000_000)
     idle = socket.create_connection(("127.0.0.1", srv.port), timeout=10)  # an idle keep-alive client
+    wait_for_gauge(srv, "hmacfs_open_connections", 2)  # accepted: still in the backlog it would get a reset
     srv.proc.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + 10
     while True:  # once draining, the listener is closed: new connections are refused

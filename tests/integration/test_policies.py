@@ -9,19 +9,7 @@ import uuid
 import pytest
 
 from hmacfs import auth
-from tests.support.client import put, raw, request, signed_put, signed_v3, status_of, url_path
-
-
-def wait_for_gauge(srv, sample: str, at_least: float) -> None:
-    """Poll the metrics endpoint until a gauge reaches a value (the server's own view of its state)."""
-    deadline = time.monotonic() + 10
-    while True:
-        text = request(srv.metrics_port, "GET", "/metrics").body.decode()
-        values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(sample + " ")]
-        if values and values[0] >= at_least:
-            return
-        assert time.monotonic() < deadline, f"{sample} never reached {at_least}"
-        time.sleep(0.02)
+from tests.support.client import put, raw, request, signed_put, signed_v3, status_of, url_path, wait_for_gauge
 
 
 def test_extension_policy_415_case_insensitive(hmacfs_factory) -> None:

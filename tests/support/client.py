@@ -84,3 +84,15 @@ def put(srv, signed_path: str, data: bytes, protocol: str = "v", content_type: O
     if content_type:
         h["Content-Type"] = content_type
     return request(srv.port, "PUT", target, data, h)
+
+
+def wait_for_gauge(srv, sample: str, at_least: float) -> None:
+    """Poll the metrics endpoint until a gauge reaches a value (the server's own view of its state)."""
+    deadline = time.monotonic() + 10
+    while True:
+        text = request(srv.metrics_port, "GET", "/metrics").body.decode()
+        values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(sample + " ")]
+        if values and values[0] >= at_least:
+            return
+        assert time.monotonic() < deadline, f"{sample} never reached {at_least}"
+        time.sleep(0.02)

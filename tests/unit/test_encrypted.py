@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import os
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -149,6 +150,60 @@ def test_every_range_at_segment_boundaries(tmp_path) -> None:
             r.iter_range(first, last)
     with pytest.raises(ValueError):
         r.iter_range(0, 1, bytearray(S))
+
+
+def test_read_ahead_gives_the_same_bytes_and_stops_at_tampering(tmp_path) -> None:
+    """iter_range_ahead (the next segment decrypted in a pool thread) is iter_range's twin."""
+    data = os.urandom(3 * S + 7)
+    write(tmp_path / "f", data)
+    r = reader(tmp_path / "f")
+    points = [0, S - 1, S, 2 * S + 1, len(data) - 1]
+    for first in points:
+        for last in points:
+            if first <= last:
+                assert b"".join(bytes(p) for p in r.iter_range_ahead(first, last)) == data[first:last + 1]
+    with pytest.raises(ValueError):
+        r.iter_range_ahead(5, 4)
+    patch_byte(tmp_path / "f", segment_offset(2) + 20)
+    got = []
+    with pytest.raises(TamperedError) as e:
+        for piece in reader(tmp_path / "f").iter_range_ahead(0, len(data) - 1):
+            got.append(bytes(piece))
+    assert e.value.segment == 2 and b"".join(got) == data[:2 * S]  # nothing of the bad segment
+
+
+def test_read_ahead_closed_early_leaves_no_read_in_flight(tmp_path, monkeypatch) -> None:
+    """Closing the iterator waits for the segment being read ahead, so the caller may close the fd."""
+    data = os.urandom(3 * S)
+    write(tmp_path / "f", data)
+    r = reader(tmp_path / "f")
+    opened = []
+    real = r._open
+
+    def slow_open(index, view):
+        time.sleep(0.2)
+        opened.append(index)
+        return real(index, view)
+
+    monkeypatch.setattr(r, "_open", slow_open)
+    it = r.iter_range_ahead(0, len(data) - 1)
+    assert bytes(next(it)) == data[:S]  # segment 1 is now being read ahead
+    it.close()
+    assert opened == [0, 1]  # finished before close returned, and nothing after
+
+
+def test_writer_seals_ahead_in_order_and_abort_waits(tmp_path) -> None:
+    data = os.urandom(5 * S + 3)
+    write(tmp_path / "f", data, chunk=S // 3)  # hand-offs land at every segment boundary
+    assert read(tmp_path / "f") == data
+    with open(tmp_path / "g", "wb", buffering=0) as f:
+        w = SegmentWriter(f, RING, S)
+        w.write(os.urandom(2 * S + 1))  # one seal in flight
+        w.abort()
+        size = f.tell()
+    assert size == HEADER_SIZE + 2 * (S + OVERHEAD)  # header and the two sealed segments, then nothing
+    with pytest.raises(ValueError):
+        w.write(b"x")
 
 
 def test_a_range_decrypts_only_its_segments(tmp_path, monkeypatch) -> None:
