@@ -20,15 +20,16 @@ import threading
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
-from typing import Callable, Iterator, Optional, Protocol
+from typing import TYPE_CHECKING, Callable, Iterator, Optional, Protocol
 
 from .errors import storage_full
 from .meta import FileRecord, MetaStore
 from .meta.record import VersionRecord
 from .storage.blobs import LINK_LIMIT_ERRNOS, BlobStore
-from .storage.encrypted import MAGIC as ENCRYPTED_MAGIC
-from .storage.encrypted import EncryptedFileError, Keyring, SegmentWriter, plaintext_digest
 from .storage.local import LocalStore, PathConflict
+
+if TYPE_CHECKING:  # storage/encrypted.py (and libcrypto's binding) load only when encryption is on
+    from .storage.encrypted import Keyring
 
 log = logging.getLogger("hmacfs")
 SPACE_CHECK_BYTES = 1024 * 1024  # free space is re-checked after every MiB received
@@ -69,6 +70,8 @@ class _Sink:
         self.f = f
         self.writer = None
         if keyring is not None:
+            from .storage.encrypted import SegmentWriter
+
             self.writer = SegmentWriter(f, keyring, segment_size)
 
     def write(self, chunk: memoryview) -> None:
@@ -361,7 +364,9 @@ def record_for_file(meta: MetaStore, signed_path: str, record: Optional[FileReco
     if record is not None and record_matches(record, st):
         return record
     size, sha256, encrypted = st.st_size, None, False
-    if keyring is not None and os.pread(fd, len(ENCRYPTED_MAGIC), 0) == ENCRYPTED_MAGIC:
+    if keyring is not None:
+        from .storage.encrypted import MAGIC, EncryptedFileError, plaintext_digest
+    if keyring is not None and os.pread(fd, len(MAGIC), 0) == MAGIC:
         try:
             size, sha256 = plaintext_digest(fd, keyring, st.st_size)
             encrypted = True
