@@ -255,6 +255,8 @@ class UploadPipeline:
         if ref:
             if not replace_existing and self.store.exists(path):
                 raise PathConflict(path)
+            if replace_existing and self.store.stat(path) is not None:
+                self.store.delete(path)  # a plain file replaced by a ref (kept as a version already)
             return True
         try:
             if replace_existing:
