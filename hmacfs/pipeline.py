@@ -300,7 +300,7 @@ class UploadPipeline:
                 os.unlink(dest)  # left by a crash between this link and the metadata
             except FileNotFoundError:
                 pass
-            os.link(self.store.full_path(current.path), dest, follow_symlinks=False)
+            self.store.link_out(current.path, dest)
         return VersionRecord(path=current.path, version=current.version, size=current.size,
                              content_type=current.content_type, sha256=current.sha256, created=current.created,
                              uploader=current.uploader, blob=current.blob, location=location,

@@ -8,13 +8,14 @@ reported. The temp name stays until the caller has recorded the metadata, so a f
 metadata write can take the file back (`retract`) and leave nothing. A crash leaves at
 worst an orphan temp file, swept at the next start.
 
-Writes walk the parent directories one component at a time from the root with
-`openat(O_NOFOLLOW)` and create what is missing there (`mkdirat`), so a symlink planted
-in the store can never make an upload create or write anything outside the root, and no
-status tells whether something exists outside it. Reads check that the parent resolves
-inside the root. One process owns a store: `.hmacfs/lock` is held with `flock` for the
-process lifetime, so a second server on the same directory refuses to start instead of
-sweeping the first one's temp files.
+Every operation walks the parent directories one component at a time from the root
+with `openat(O_NOFOLLOW)` (writes create what is missing there, `mkdirat`) and then acts
+on the final name relative to that directory fd, so a symlink planted in the store, even
+one swapped in for a directory that was already used, can never make a request read,
+write, create or delete anything outside the root, and no status tells whether something
+exists outside it. Symlinks inside the store are not followed either. One process owns a
+store: `.hmacfs/lock` is held with `flock` for the process lifetime, so a second server on
+the same directory refuses to start instead of sweeping the first one's temp files.
 Layout is that of prosody-filer, so an existing store directory can be adopted as is.
 """
 from __future__ import annotations
@@ -73,7 +74,6 @@ class LocalStore:
             raise StartupError(f"storage directory {root!r} is not usable: {e.strerror or e}") from None
         # Longest signed path whose full name stays below PATH_MAX (a long root leaves less).
         self.max_path_bytes = PATH_MAX - len(os.fsencode(self.root)) - 2
-        self._safe_dirs: set[str] = set()
         self._lock = threading.Lock()
         self._unlink_queue: Optional[queue.SimpleQueue] = None
 
@@ -88,20 +88,6 @@ class LocalStore:
     def full_path(self, signed_path: str) -> str:
         """Where a (validated) signed path lives; never outside the root by construction."""
         return os.path.join(self.root, signed_path)
-
-    def _check_dir_inside(self, directory: str) -> None:
-        """Refuse a parent directory that resolves outside the root (symlinked elsewhere)."""
-        if directory in self._safe_dirs:
-            return
-        real = os.path.realpath(directory)
-        if real != self.root and not real.startswith(self.root + os.sep):
-            raise OutsideRoot(directory)
-        if real.startswith(self.internal + os.sep) or real == self.internal:
-            raise OutsideRoot(directory)
-        with self._lock:
-            if len(self._safe_dirs) > 10000:
-                self._safe_dirs.clear()
-            self._safe_dirs.add(directory)
 
     # -- writing --------------------------------------------------------------------------------
 
@@ -151,27 +137,49 @@ class LocalStore:
     def retract(self, source_path: str, signed_path: str) -> None:
         """Undo `publish` when what had to follow it failed: unlink the final name if it is still
         the source's inode (the source itself stays)."""
-        final = self.full_path(signed_path)
         try:
-            ours, there = os.stat(source_path), os.lstat(final)
+            dir_fd, name = self._parent(signed_path)
+        except (OSError, HTTPError):
+            return
+        try:
+            ours, there = os.stat(source_path), os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
             if (ours.st_dev, ours.st_ino) == (there.st_dev, there.st_ino):
-                os.unlink(final)
-                fsync_dir(os.path.dirname(final))
+                os.unlink(name, dir_fd=dir_fd)
+                os.fsync(dir_fd)
         except OSError:
             pass
+        finally:
+            os.close(dir_fd)
 
-    def _walk(self, parents: list[str]) -> int:
-        """An fd of root/parents..., made where missing, walking without following symlinks."""
+    def link_out(self, signed_path: str, dest: str) -> None:
+        """Hard-link the file at `signed_path` to `dest` (an internal path: a kept version)."""
+        dir_fd, name = self._parent(signed_path)
+        try:
+            os.link(name, dest, src_dir_fd=dir_fd, follow_symlinks=False)
+        finally:
+            os.close(dir_fd)
+
+    def _parent(self, signed_path: str) -> tuple[int, str]:
+        """(fd of the existing parent directory, final name), reached without following a symlink;
+        FileNotFoundError, PathConflict or OutsideRoot otherwise."""
+        *parents, name = signed_path.split("/")
+        return self._walk(parents, create=False), name
+
+    def _walk(self, parents: list[str], create: bool = True) -> int:
+        """An fd of root/parents..., made where missing (`create`), walking one component at a time
+        with O_NOFOLLOW: a symlink anywhere is OutsideRoot, a file where a directory should be is
+        PathConflict, a missing one (not `create`) FileNotFoundError."""
         fd = os.open(self.root, _DIR_FLAGS)
         try:
             for name in parents:
-                try:
-                    os.mkdir(name, 0o755, dir_fd=fd)
-                except FileExistsError:
-                    pass
+                if create:
+                    try:
+                        os.mkdir(name, 0o755, dir_fd=fd)
+                    except FileExistsError:
+                        pass
                 try:
                     child = os.open(name, _DIR_FLAGS, dir_fd=fd)
-                except (NotADirectoryError, OSError) as e:
+                except OSError as e:
                     if e.errno not in (errno.ENOTDIR, errno.ELOOP):
                         raise
                     if stat.S_ISLNK(os.lstat(name, dir_fd=fd).st_mode):
@@ -220,28 +228,37 @@ class LocalStore:
     # -- reading --------------------------------------------------------------------------------
 
     def exists(self, signed_path: str) -> bool:
-        """Whether anything stands at `signed_path`; OutsideRoot when its parent resolves outside
-        the root (so the answer never reveals what exists elsewhere)."""
-        final = self.full_path(signed_path)
-        self._check_dir_inside(os.path.dirname(final))
+        """Whether anything stands at `signed_path`; OutsideRoot when a parent is a symlink (so the
+        answer never reveals what exists elsewhere)."""
         try:
-            os.lstat(final)
-            return True
-        except (FileNotFoundError, NotADirectoryError):
+            dir_fd, name = self._parent(signed_path)
+        except (FileNotFoundError, PathConflict):
             return False
+        try:
+            os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            return True
+        except FileNotFoundError:
+            return False
+        finally:
+            os.close(dir_fd)
 
     def open(self, signed_path: str) -> Optional[tuple[int, os.stat_result]]:
-        """(fd, stat) of a regular file at `signed_path`, or None (missing, directory, symlink)."""
-        final = self.full_path(signed_path)
+        """(fd, stat) of a regular file at `signed_path`, or None (missing, a directory, or reached
+        through a symlink anywhere: every component is opened with O_NOFOLLOW)."""
         try:
-            self._check_dir_inside(os.path.dirname(final))
-            fd = os.open(final, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC)
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError, OutsideRoot):
+            dir_fd, name = self._parent(signed_path)
+        except (FileNotFoundError, PathConflict, OutsideRoot):
+            return None
+        try:
+            fd = os.open(name, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC, dir_fd=dir_fd)
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return None
         except OSError as e:
             if e.errno == errno.ELOOP:  # the final component is a symlink
                 return None
             raise
+        finally:
+            os.close(dir_fd)
         st = os.fstat(fd)
         if not _is_regular(st):
             os.close(fd)
@@ -249,36 +266,48 @@ class LocalStore:
         return fd, st
 
     def stat(self, signed_path: str) -> Optional[os.stat_result]:
-        """lstat of a regular file at `signed_path` (not through a symlink), else None."""
-        final = self.full_path(signed_path)
+        """Stat of a regular file at `signed_path` (never through a symlink), else None."""
         try:
-            self._check_dir_inside(os.path.dirname(final))
-            st = os.lstat(final)
-        except (FileNotFoundError, NotADirectoryError, OutsideRoot):
+            dir_fd, name = self._parent(signed_path)
+        except (FileNotFoundError, PathConflict, OutsideRoot):
             return None
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        finally:
+            os.close(dir_fd)
         return st if _is_regular(st) else None
 
     # -- deleting -------------------------------------------------------------------------------
 
     def delete(self, signed_path: str) -> bool:
-        """Remove the file and now-empty parent directories; False if it was not there."""
-        final = self.full_path(signed_path)
+        """Remove the regular file at `signed_path` and its now-empty parent directories (never
+        through a symlink); False if it was not there."""
         try:
-            self._check_dir_inside(os.path.dirname(final))
-            if self.stat(signed_path) is None:
-                return False
-            os.unlink(final)
-        except (FileNotFoundError, NotADirectoryError, OutsideRoot):
+            dir_fd, name = self._parent(signed_path)
+        except (FileNotFoundError, PathConflict, OutsideRoot):
             return False
-        parent = os.path.dirname(final)
-        while parent != self.root and parent.startswith(self.root + os.sep):
+        try:
+            if not _is_regular(os.stat(name, dir_fd=dir_fd, follow_symlinks=False)):
+                return False
+            os.unlink(name, dir_fd=dir_fd)
+        except FileNotFoundError:
+            return False
+        finally:
+            os.close(dir_fd)
+        parents = signed_path.split("/")[:-1]
+        for depth in range(len(parents), 0, -1):  # the deepest first; stop at one that is not empty
             try:
-                os.rmdir(parent)
+                dir_fd = self._walk(parents[:depth - 1], create=False)
+            except (OSError, HTTPError):
+                break
+            try:
+                os.rmdir(parents[depth - 1], dir_fd=dir_fd)
             except OSError:
                 break
-            with self._lock:
-                self._safe_dirs.discard(parent)
-            parent = os.path.dirname(parent)
+            finally:
+                os.close(dir_fd)
         return True
 
     def free_bytes(self) -> int:

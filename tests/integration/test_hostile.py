@@ -274,6 +274,28 @@ def test_put_through_a_planted_symlink_creates_nothing_outside(srv, tmp_path: Pa
     unharmed(srv)
 
 
+def test_a_directory_swapped_for_a_symlink_after_use_leads_nowhere(srv, tmp_path: Path) -> None:
+    """A directory that was already read through is replaced by a symlink to the outside: no
+    read, delete or write may follow it (nothing is remembered as 'safe')."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keys").write_bytes(b"secret keys")
+    (outside / "victim.txt").write_bytes(b"victim")
+    d = f"swap{uuid.uuid4().hex}"
+    assert put(srv, f"{d}/x.txt", b"x").status == 201
+    assert request(srv.port, "GET", url_path(srv.prefix, f"{d}/x.txt")).status == 200
+    (srv.storage / d).rename(srv.storage / f"{d}.old")
+    (srv.storage / d).symlink_to(outside)
+    assert request(srv.port, "GET", url_path(srv.prefix, f"{d}/keys")).status == 404
+    assert request(srv.port, "HEAD", url_path(srv.prefix, f"{d}/keys")).status == 404
+    target = signed_v3(srv.prefix, srv.secret, f"{d}/victim.txt", "DELETE", int(time.time()) + 60)
+    r = request(srv.port, "DELETE", target)
+    assert r.status == 404 and (outside / "victim.txt").read_bytes() == b"victim"
+    assert put(srv, f"{d}/keys", b"overwrite?").status == 403
+    assert sorted(p.name for p in outside.iterdir()) == ["keys", "victim.txt"]
+    unharmed(srv)
+
+
 def test_second_server_on_the_same_store_refuses_to_start(srv, tmp_path: Path) -> None:
     second = HmacfsProcess(tmp_path / "second", {"server": {"storagepath": str(srv.storage)}})
     try:
