@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Optional, Protocol
 from .errors import storage_full
 from .meta import FileRecord, MetaStore
 from .meta.record import VersionRecord
-from .storage.blobs import LINK_LIMIT_ERRNOS, BlobStore
+from .storage.blobs import LINK_LIMIT_ERRNOS, BlobStore, blob_key
 from .storage.local import LocalStore, PathConflict
 
 if TYPE_CHECKING:  # storage/encrypted.py (and libcrypto's binding) load only when encryption is on
@@ -225,10 +225,11 @@ class UploadPipeline:
             with self.meta.transaction() if self.blobs is not None else nullcontext():
                 source, blob, ref = received.temp_path, None, False
                 if self.blobs is not None:
-                    source, created = self.blobs.acquire(received.temp_path, received.sha256, received.size)
-                    blob, ref = received.sha256, not self.blobs.linkable
+                    blob = blob_key(received.sha256, received.encrypted)  # never mixes plain and encrypted
+                    source, created = self.blobs.acquire(received.temp_path, blob, received.size)
+                    ref = not self.blobs.linkable
                     if created:
-                        undo.append(lambda: self.blobs.discard(received.sha256))  # type: ignore[union-attr]
+                        undo.append(lambda: self.blobs.discard(blob))  # type: ignore[union-attr]
                 kept = None
                 if current is not None:
                     kept = self._keep_current(current)

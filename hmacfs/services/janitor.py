@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
+from ..storage.blobs import is_blob_file
+
 if TYPE_CHECKING:
     from ..catalog import Catalog
     from ..meta.sqlite import SqliteMeta
@@ -158,7 +160,7 @@ class Janitor:
         assert self.blobs is not None
         for dirpath, _dirs, files in os.walk(self.blobs.directory):
             for name in files:
-                if len(name) != 64:
+                if not is_blob_file(self.blobs.directory, dirpath, name):
                     continue
                 with self.meta.transaction():
                     if self.meta.blob_refs(name) == 0 and self.meta.blob_counted_refs(name) == 0:

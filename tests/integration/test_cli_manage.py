@@ -56,8 +56,11 @@ def get(srv: HmacfsProcess, path: str, query: str = ""):
 
 
 def blob_file(srv: HmacfsProcess, data: bytes) -> Path:
-    sha = hashlib.sha256(data).hexdigest()
-    return srv.storage / ".hmacfs" / "blobs" / sha[:2] / sha[2:4] / sha
+    """Where the blob of `data` is (named by its sha256, with `.enc` when stored encrypted)."""
+    key = hashlib.sha256(data).hexdigest()
+    if srv.config.get("encryption", {}).get("enabled"):
+        key += ".enc"
+    return srv.storage / ".hmacfs" / "blobs" / key[:2] / key[2:4] / key
 
 
 def jwt_put(srv: HmacfsProcess, slot: str, filename: str, data: bytes, sub: str) -> int:

@@ -235,3 +235,39 @@ def test_sighup_reloads_a_rotated_keyfile(hmacfs_factory, tmp_path: Path) -> Non
     assert put(srv, new, b"under k2").status == 201
     assert (srv.storage / new).read_bytes()[10:12] == b"k2"
     assert download(srv, old)[1] == b"under k1" and download(srv, new)[1] == b"under k2"
+
+
+def test_dedup_never_mixes_plain_and_encrypted_blobs(hmacfs_factory, tmp_path: Path) -> None:
+    """Turning encryption on or off between two uploads of one content: each gets a blob in its
+    own form (ciphertext is never served as plaintext, plaintext never kept behind 'encrypted')."""
+    data = pattern(50_000)
+    srv = hmacfs_factory({"deduplication": {"enabled": True},
+                          "encryption": {"enabled": True, "keyfile": keyfile(tmp_path, f"k1 {K1}\n")}})
+    enc_path, plain_path, again = (f"{uuid.uuid4()}/{n}.bin" for n in ("e", "p", "again"))
+    assert put(srv, enc_path, data).status == 201
+    srv.stop()
+    srv.config["encryption"]["enabled"] = False
+    srv.start()
+    assert put(srv, plain_path, data).status == 201
+    assert download(srv, plain_path)[1] == data
+    assert (srv.storage / plain_path).read_bytes() == data  # its own plain blob
+    srv.stop()
+    srv.config["encryption"]["enabled"] = True
+    srv.start()
+    assert put(srv, again, data).status == 201
+    assert (srv.storage / again).read_bytes()[:8] == b"HMFSAEAD"  # linked to the encrypted blob
+    assert download(srv, again)[1] == data and download(srv, enc_path)[1] == data
+    blobs = sorted(p.name for p in (srv.storage / ".hmacfs" / "blobs").rglob("*") if p.is_file())
+    assert len(blobs) == 2 and blobs[0] + ".enc" == blobs[1]
+
+
+@pytest.mark.parametrize("where", ["blobs", "."])
+def test_a_blob_directory_in_the_served_tree_is_refused(hmacfs_factory, tmp_path: Path, where: str) -> None:
+    """Inside the served tree an uploader could plant a 'blob' under a hash (and fetch any blob);
+    containing the store, the orphan scan could reach user files."""
+    storage = tmp_path / "store"
+    directory = storage / where if where != "." else tmp_path
+    with pytest.raises(RuntimeError) as e:
+        hmacfs_factory({"server": {"storagepath": str(storage)},
+                        "deduplication": {"enabled": True, "directory": str(directory)}})
+    assert "[deduplication] directory" in str(e.value) and "Traceback" not in str(e.value)
