@@ -21,7 +21,7 @@ from .handlers.upload import handle_put
 from .http.exchange import CorsPolicy
 from .http.router import Router
 from .meta import SqliteMeta
-from .pipeline import UploadPipeline
+from .pipeline import PathLocks, UploadPipeline
 from .policy.paths import MAX_PATH_BYTES
 from .policy.quotas import QuotaLimits
 from .services.hotcache import HotFiles
@@ -57,11 +57,12 @@ class App:
             log.warning("deduplication directory %s is on another filesystem than the store: paths are "
                         "recorded as references to their blob (no hard links)", self.blobs.directory)
         self.hot = HotFiles()
-        self.catalog = Catalog(self.store, self.meta, self.blobs, on_remove=self.hot.discard)
+        locks = PathLocks()  # commits and removals of one path take turns
+        self.catalog = Catalog(self.store, self.meta, self.blobs, on_remove=self.hot.discard, locks=locks)
         versioning = config.versioning
         self.pipeline = UploadPipeline(self.store, self.meta, self.blobs,
                                        versioning.maxversions if versioning.enableversioning else None,
-                                       self.keyring)
+                                       self.keyring, locks=locks)
         q = config.quotas
         self.quotas = QuotaLimits(q.peruser, q.perday, q.total, q.identity) if q.enabled else None
         self.file_ttl = config.server.filettl if config.server.filettlenabled else None

@@ -16,7 +16,7 @@ from typing import Optional
 
 from .meta import FileRecord, MetaStore
 from .meta.record import VersionRecord
-from .pipeline import remove_version_bytes
+from .pipeline import PathLocks, remove_version_bytes
 from .storage.blobs import BlobStore
 from .storage.local import LocalStore
 
@@ -29,7 +29,8 @@ class Catalog:
     """Locating and removing stored files across the store, the blobs and the metadata."""
 
     def __init__(self, store: LocalStore, meta: MetaStore, blobs: Optional[BlobStore] = None,
-                 on_remove=None) -> None:
+                 on_remove=None, locks: Optional[PathLocks] = None) -> None:
+        self.locks = locks or PathLocks()
         self.store = store
         self.meta = meta
         self.blobs = blobs
@@ -68,19 +69,28 @@ class Catalog:
         log.error("stored bytes missing for %r: %s is not on disk (metadata kept; restore it or delete the path)",
                   path, what)
 
-    def remove(self, path: str) -> bool:
-        """Remove `path`, its versions and its blob references; False when nothing was there.
+    def remove(self, path: str, expired_at: Optional[float] = None) -> bool:
+        """Remove `path`, its versions and its blob references; False when nothing was there
+        (with `expired_at`: when the path holds no file that is still expired then).
 
-        The rows are taken from the database in one transaction (not from a cache), so a
-        reference is released exactly once even if another process removed the path first."""
-        with self.meta.transaction():  # the unlink inside it: a rekey or an upload cannot interleave
-            record = self.meta.take(path)
-            versions = self.meta.drop_versions(path, 0)
-            had_file = self.store.delete(path)
+        Under the path's lock (an upload to the same path waits), in one metadata transaction:
+        the rows are taken from the database (not a cache, so a reference is released exactly
+        once even if another process removed the path first), the file is moved out of the
+        served tree, and the blob references and version files go. Only the unlink of the
+        moved file, which can take a while for a big one, happens after the transaction."""
+        with self.locks.hold(path):
+            with self.meta.transaction():
+                record = self.meta.take(path, expired_at)
+                if expired_at is not None and record is None:
+                    return False
+                versions = self.meta.drop_versions(path, 0)
+                trash = self.store.detach(path)
+                if record is not None and record.blob is not None and self.blobs is not None:
+                    self.blobs.release(record.blob)
+                for version in versions:
+                    remove_version_bytes(self.store, self.blobs, version)
+            if trash is not None:
+                self.store.discard_temp(trash)
         if self.on_remove is not None:
             self.on_remove(path)
-        if record is not None and record.blob is not None and self.blobs is not None:
-            self.blobs.release(record.blob)
-        for version in versions:
-            remove_version_bytes(self.store, self.blobs, version)
-        return had_file or (record is not None and record.ref) or bool(versions)
+        return trash is not None or (record is not None and record.ref) or bool(versions)

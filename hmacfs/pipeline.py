@@ -22,9 +22,10 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable, Iterator, Optional, Protocol
 
-from .errors import storage_full
+from .errors import HTTPError, storage_full
 from .meta import FileRecord, MetaStore
 from .meta.record import VersionRecord
+from .meta.sqlite import run_undo
 from .storage.blobs import LINK_LIMIT_ERRNOS, BlobStore, blob_key
 from .storage.local import LocalStore, PathConflict
 
@@ -34,6 +35,7 @@ if TYPE_CHECKING:  # storage/encrypted.py (and libcrypto's binding) load only wh
 log = logging.getLogger("hmacfs")
 SPACE_CHECK_BYTES = 1024 * 1024  # free space is re-checked after every MiB received
 UNLINK_LATER_BYTES = 64 * 1024 * 1024  # bigger temp files are unlinked after the response
+ENCRYPTED_MAGIC = b"HMFSAEAD"  # storage/encrypted.MAGIC (that module loads only when encryption is on)
 _FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -61,6 +63,7 @@ class Upload:
     content_type: str
     expires: Optional[float] = None
     uploader: Optional[str] = None
+    admit: Optional[Callable[[FileRecord], None]] = None  # last check with the row (quotas), or an HTTPError
 
 
 class _Sink:
@@ -92,20 +95,42 @@ class _Sink:
             self.writer.abort()
 
 
+class PathLocks:
+    """One lock per path while anyone holds or waits for it (a count, not `locked()`): commits
+    and removals of one path take turns (versioned writes each keep the one before)."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, list] = {}  # path -> [lock, holders and waiters]
+        self._guard = threading.Lock()
+
+    @contextmanager
+    def hold(self, path: str) -> Iterator[None]:
+        with self._guard:
+            entry = self._locks.setdefault(path, [threading.Lock(), 0])
+            entry[1] += 1
+        try:
+            with entry[0]:
+                yield
+        finally:
+            with self._guard:
+                entry[1] -= 1
+                if not entry[1]:
+                    del self._locks[path]
+
+
 class UploadPipeline:
     """Receives upload bodies and commits them into storage and metadata."""
 
     def __init__(self, store: LocalStore, meta: MetaStore, blobs: Optional[BlobStore] = None,
                  keep_versions: Optional[int] = None, keyring: Optional[Keyring] = None,
-                 segment_size: int = 1024 * 1024) -> None:
+                 segment_size: int = 1024 * 1024, locks: Optional[PathLocks] = None) -> None:
         self.store = store
         self.meta = meta
         self.blobs = blobs
         self.keep_versions = keep_versions  # None: versioning off (an existing path is a 409)
         self.keyring = keyring
         self.segment_size = segment_size
-        self._path_locks: dict[str, list] = {}  # path -> [lock, holders and waiters]
-        self._locks_guard = threading.Lock()
+        self.locks = locks or PathLocks()
 
     # -- receiving ------------------------------------------------------------------------------
 
@@ -157,22 +182,6 @@ class UploadPipeline:
 
     # -- committing -----------------------------------------------------------------------------
 
-    @contextmanager
-    def _path_lock(self, path: str) -> Iterator[None]:
-        """Versioned writes to one path take turns (each keeps the one before as a version).
-        The lock lives while anyone holds or waits for it (a count, not `locked()`)."""
-        with self._locks_guard:
-            entry = self._path_locks.setdefault(path, [threading.Lock(), 0])
-            entry[1] += 1
-        try:
-            with entry[0]:
-                yield
-        finally:
-            with self._locks_guard:
-                entry[1] -= 1
-                if not entry[1]:
-                    del self._path_locks[path]
-
     def commit(self, received: Received, upload: Upload,
                before_commit: Optional[Callable[[Received], None]] = None) -> FileRecord:
         """Make the upload visible at its path with its metadata, or leave nothing.
@@ -184,9 +193,9 @@ class UploadPipeline:
         try:
             if before_commit is not None:
                 before_commit(received)
-            if self.keep_versions is None:
-                return self._commit(received, upload, None)
-            with self._path_lock(path):
+            with self.locks.hold(path):  # commits and removals of one path take turns
+                if self.keep_versions is None:
+                    return self._commit(received, upload, None)
                 record = self._commit(received, upload, self._current(path))
                 self._prune(path)
                 return record
@@ -215,14 +224,16 @@ class UploadPipeline:
         """Place the bytes and write the rows; on any failure (a failed COMMIT included) undo
         what was done on disk, newest first.
 
-        With deduplication the blob's count, the placement and the rows are one transaction,
-        so a failure (the disk filling under the metadata included) rolls the count back
-        without writing anything. Without it only the rows are, and the placement (a link and
-        a directory fsync) stays outside the metadata lock.
+        With deduplication (or quotas, whose last check and upload log must go with the row) the
+        blob's count, the placement and the rows are one transaction, so a failure (the disk
+        filling under the metadata included) rolls everything back, and the undo steps run
+        under the metadata lock. Otherwise only the rows are, and the placement (a link and a
+        directory fsync) stays outside the metadata lock.
         """
-        undo: list[Callable[[], None]] = []
+        local_undo: list[Callable[[], None]] = []
         try:
-            with self.meta.transaction() if self.blobs is not None else nullcontext():
+            atomic = self.blobs is not None or upload.admit is not None
+            with self.meta.transaction() if atomic else nullcontext(local_undo) as undo:
                 source, blob, ref = received.temp_path, None, False
                 if self.blobs is not None:
                     blob = blob_key(received.sha256, received.encrypted)  # never mixes plain and encrypted
@@ -241,14 +252,24 @@ class UploadPipeline:
                                     sha256=received.sha256, created=time.time(),
                                     mtime_ns=0 if ref else os.stat(source).st_mtime_ns,
                                     expires=upload.expires, uploader=upload.uploader,
-                                    version=current.version + 1 if current is not None else 1,
+                                    version=self._next_version(current),
                                     blob=blob, ref=ref, encrypted=received.encrypted)
+                if upload.admit is not None:
+                    upload.admit(record)  # quotas: checked and logged with the row, in one transaction
                 self._write_rows(record, kept)
         except BaseException:
-            for step in reversed(undo):
-                step()
+            run_undo(local_undo)  # with dedup the transaction ran its steps under the metadata lock
             raise
         return record
+
+    def _current_number(self, current: FileRecord) -> int:
+        """The number the current content is kept under: its row's, unless kept versions already
+        use it (a row rebuilt by reindex says 1 while versions 1..n are kept): then one past them."""
+        kept = [v.version for v in self.meta.versions(current.path)]
+        return max(current.version, max(kept) + 1) if kept else current.version
+
+    def _next_version(self, current: Optional[FileRecord]) -> int:
+        return 1 if current is None else self._current_number(current) + 1
 
     def _place(self, source: str, path: str, replace_existing: bool, ref: bool) -> bool:
         """Make `source` visible at `path`; returns True when it became a metadata `ref` instead
@@ -292,17 +313,18 @@ class UploadPipeline:
 
     def _keep_current(self, current: FileRecord) -> VersionRecord:
         """Hard-link the current file under the versions directory before it is replaced."""
+        number = self._current_number(current)
         location = None
         if not current.ref:
-            location = version_location(current.path, current.version)
+            location = version_location(current.path, number)
             dest = os.path.join(self.store.versions_dir, location)
             os.makedirs(os.path.dirname(dest), mode=0o700, exist_ok=True)
             try:
-                os.unlink(dest)  # left by a crash between this link and the metadata
+                os.unlink(dest)  # no row names it (numbers are past every kept one): a crash's leftover
             except FileNotFoundError:
                 pass
             self.store.link_out(current.path, dest)
-        return VersionRecord(path=current.path, version=current.version, size=current.size,
+        return VersionRecord(path=current.path, version=number, size=current.size,
                              content_type=current.content_type, sha256=current.sha256, created=current.created,
                              uploader=current.uploader, blob=current.blob, location=location,
                              encrypted=current.encrypted)
@@ -319,8 +341,10 @@ class UploadPipeline:
             log.exception("could not restore %s after a failed versioned upload", current.path)
 
     def _prune(self, path: str) -> None:
-        for gone in self.meta.drop_versions(path, self.keep_versions or 0):
-            remove_version_bytes(self.store, self.blobs, gone)
+        """Versions beyond `maxversions` go, their bytes and blob references with their rows."""
+        with self.meta.transaction():
+            for gone in self.meta.drop_versions(path, self.keep_versions or 0):
+                remove_version_bytes(self.store, self.blobs, gone)
 
 
 def version_location(path: str, version: int) -> str:
@@ -362,19 +386,24 @@ def record_for_file(meta: MetaStore, signed_path: str, record: Optional[FileReco
                     st: os.stat_result, keyring: Optional[Keyring] = None) -> FileRecord:
     """A metadata row for a file that has none (adopted store, a crash between commit and
     record) or whose row is stale (changed outside hmacfs): hashed once, then recorded. An
-    encrypted file is recognised by its header and hashed through its decrypted segments
-    (with the keyring; without one, or if it does not decrypt, it is taken as plain bytes)."""
+    encrypted file is recognised by its header and hashed through its decrypted segments;
+    without the keyring, or if it does not decrypt, it is a 500 and no row is written."""
     if record is not None and record_matches(record, st):
         return record
     size, sha256, encrypted = st.st_size, None, False
-    if keyring is not None:
-        from .storage.encrypted import MAGIC, EncryptedFileError, plaintext_digest
-    if keyring is not None and os.pread(fd, len(MAGIC), 0) == MAGIC:
+    if os.pread(fd, len(ENCRYPTED_MAGIC), 0) == ENCRYPTED_MAGIC:
+        # Never recorded (or served) as plain bytes: without the key it is a clear 500, no row.
+        if keyring is None:
+            raise HTTPError(500, "this file is stored encrypted and encryption is not configured")
+        from .storage.encrypted import EncryptedFileError, plaintext_digest
+
         try:
             size, sha256 = plaintext_digest(fd, keyring, st.st_size)
-            encrypted = True
         except EncryptedFileError as e:
-            log.warning("%r starts like an encrypted file but does not decrypt (%s): taken as plain", signed_path, e)
+            log.error("%r is an encrypted file that does not decrypt (%s): not served", signed_path, e)
+            raise HTTPError(500, "this file is encrypted under a key this server does not have, "
+                                 "or is damaged") from None
+        encrypted = True
     if sha256 is None:
         sha256 = hash_fd(fd, st.st_size)
     rebuilt = rebuilt_record(signed_path, record, st, size, sha256, encrypted)

@@ -45,9 +45,10 @@ IMMUTABLE_MAX_AGE = 31536000
 
 def expire_if_due(app: App, signed_path: str, record: Optional[FileRecord]) -> None:
     """410 (and removal, versions included) when the file's own expiry time has passed."""
-    if record is not None and record.expires is not None and record.expires <= time.time():
-        app.catalog.remove(signed_path)
-        app.metrics.expired_removed.inc()
+    now = time.time()
+    if record is not None and record.expires is not None and record.expires <= now:
+        if app.catalog.remove(signed_path, expired_at=now):
+            app.metrics.expired_removed.inc()
         raise HTTPError(410, "this file has expired")
 
 
@@ -149,7 +150,7 @@ def _serve(app: App, ex: Exchange, signed_path: str, record: FileRecord, st: os.
            fd: Optional[int] = None, data: Optional[bytes] = None, cache: Optional[str] = None) -> None:
     """Conditionals, Range and headers, then the body from `data` (small files), `fd`, or the
     decrypted segments of `fd` (encrypted files)."""
-    reader = _reader(app, signed_path, fd, st) if record.encrypted else None
+    reader = _reader(app, signed_path, record, fd, st) if record.encrypted else None
     size = reader.plaintext_size if reader is not None else st.st_size
     headers = ex.req.headers
     etag = strong_etag(record.sha256)
@@ -186,15 +187,26 @@ def _serve(app: App, ex: Exchange, signed_path: str, record: FileRecord, st: os.
         ex.send_file(status, common, fd, first, last - first + 1)
 
 
-def _reader(app: App, signed_path: str, fd: Optional[int], st: os.stat_result):
-    from ..storage.encrypted import CorruptFile, SegmentReader, UnknownKey
+def _reader(app: App, signed_path: str, record: FileRecord, fd: Optional[int], st: os.stat_result):
+    """The segment reader of an encrypted file whose size (taken from the file's length, so
+    not authenticated by itself) agrees with its row; an empty one is authenticated whole."""
+    from ..storage.encrypted import CorruptFile, SegmentReader, TamperedError, UnknownKey
 
     if app.keyring is None:
         log.error("%r is stored encrypted but [encryption] is off: it cannot be served", signed_path)
         raise HTTPError(500, "this file is stored encrypted and encryption is not configured")
     assert fd is not None
     try:
-        return SegmentReader(fd, app.keyring, st.st_size)
+        reader = SegmentReader(fd, app.keyring, st.st_size)
+        if reader.plaintext_size != record.size:
+            raise CorruptFile(f"holds {reader.plaintext_size} bytes, its metadata says {record.size}")
+        if reader.plaintext_size == 0:
+            reader.verify_all()  # no segment would be read to send nothing
+        return reader
+    except TamperedError as e:
+        app.metrics.tampered.inc()
+        log.error("%r failed authentication (%s): refused", signed_path, e)
+        raise HTTPError(500, "the stored file failed its integrity check") from None
     except UnknownKey as e:
         log.error("%r is encrypted under key %s, which is not in the keyfile", signed_path, e)
         raise HTTPError(500, "this file is encrypted under a key this server does not have") from None

@@ -22,6 +22,7 @@ from ..errors import HTTPError, storage_full
 from ..http.body import ChunkedBody, LengthBody
 from ..http.exchange import Exchange
 from ..http.httpmsg import clean_content_type, guess_type, strong_etag
+from ..meta import FileRecord
 from ..policy.paths import extension_allowed
 from ..policy.quotas import DAY, Standing, exceeded, refusal, uploader_of
 from ..storage.local import PathConflict
@@ -76,12 +77,19 @@ def _put(app: App, ex: Exchange, signed_path: str):
     uploader = uploader_of(cfg.quotas.identity, grant.uploader, signed_path)
     check_quotas(app, uploader, declared or 0, now)
 
+    def admit(record: FileRecord) -> None:
+        """In the commit's transaction: the quotas once more with the real size (concurrent
+        uploads of one uploader cannot all slip under them), and the per-day log."""
+        check_quotas(app, uploader, record.size, now)
+        if uploader is not None and app.quotas is not None and app.quotas.per_day:
+            app.meta.log_upload(uploader, now, record.size)
+
     upload = pipeline.Upload(
         signed_path=signed_path,
         content_type=(clean_content_type(grant.content_type) or clean_content_type(facts.content_type)
                       or guess_type(signed_path)),
         expires=file_expiry(now, app.file_ttl, grant, ex.req.headers.get("x-hmacfs-expires")),
-        uploader=uploader)
+        uploader=uploader, admit=admit if app.quotas is not None else None)
     with app.gate.slot(declared) as buf:
         ex.send_continue()
         body: Union[LengthBody, ChunkedBody]
@@ -94,14 +102,7 @@ def _put(app: App, ex: Exchange, signed_path: str):
         finally:
             ex.req.body_consumed = body.complete
 
-        def before_commit(r: pipeline.Received) -> None:
-            grant.check_final_size(r.size)
-            if length is None:  # a chunked body's size is known only now
-                check_quotas(app, uploader, r.size, now)
-
-        record = app.pipeline.commit(received, upload, before_commit)
-    if uploader is not None and app.quotas is not None and app.quotas.per_day:
-        app.meta.log_upload(uploader, now, record.size)
+        record = app.pipeline.commit(received, upload, lambda r: grant.check_final_size(r.size))
     return record, grant
 
 

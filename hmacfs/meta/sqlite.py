@@ -12,16 +12,18 @@ cheaper way. A small cache keeps hot rows off the database for downloads.
 """
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import threading
 from collections import OrderedDict
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 from ..errors import StartupError, storage_full
 from .record import FileRecord, Usage, VersionRecord
 
+log = logging.getLogger("hmacfs")
 SQLITE_FULL = 13
 MAX_DB_PATH_BYTES = 504  # SQLite's unix VFS caps path names at 512 bytes, "-journal" included
 
@@ -113,6 +115,7 @@ class SqliteMeta:
         self._cache_size = self.CACHE_SIZE if cache else 0
         self._cache_lock = threading.Lock()
         self._db_lock = threading.RLock()  # re-entered by the statements of a transaction
+        self._undo: list[Callable[[], None]] = []
         try:
             self._db = sqlite3.connect(self.db_path, timeout=30, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -155,22 +158,30 @@ class SqliteMeta:
             raise
 
     @contextmanager
-    def transaction(self) -> Iterator[None]:
-        """One write transaction (BEGIN IMMEDIATE: across processes too); nested calls join it."""
+    def transaction(self) -> Iterator[list[Callable[[], None]]]:
+        """One write transaction (BEGIN IMMEDIATE: across processes too); nested calls join it.
+
+        Yields a list for undo steps: when the transaction fails (its COMMIT included) they run,
+        newest first, after the ROLLBACK but while the metadata lock is still held, so no other
+        commit can see (or build on) what they undo. A failing step is logged, not raised."""
         with self._db_lock:
             if self._db.in_transaction:
-                yield
+                yield self._undo
                 return
-            self._execute("BEGIN IMMEDIATE")
+            self._undo = undo = []
             try:
-                yield
+                self._execute("BEGIN IMMEDIATE")
+                yield undo
+                self._execute("COMMIT")
             except BaseException:
                 if self._db.in_transaction:  # SQLITE_FULL may have rolled it back already
                     self._db.execute("ROLLBACK")
                 with self._cache_lock:
                     self._cache.clear()  # rows remembered inside the transaction never happened
+                run_undo(undo)
                 raise
-            self._execute("COMMIT")
+            finally:
+                self._undo = []
 
     # -- files ----------------------------------------------------------------------------------
 
@@ -223,12 +234,17 @@ class SqliteMeta:
         self._forget(path)
         self._execute("DELETE FROM files WHERE path = ?", (path,))
 
-    def take(self, path: str) -> Optional[FileRecord]:
+    def take(self, path: str, expired_at: Optional[float] = None) -> Optional[FileRecord]:
         """Delete the row of `path` and return it as it was in the database (not the cache):
         whoever takes a row owns releasing what it pointed at, exactly once, even when another
-        process (the `hmacfs files` tools) removed it first."""
+        process (the `hmacfs files` tools) removed it first. With `expired_at`, only a row that
+        is still expired then (a fresh upload in its place is left alone)."""
         self._forget(path)
-        rows = self._execute(f"DELETE FROM files WHERE path = ? RETURNING {FILE_COLUMNS}", (path,))
+        if expired_at is None:
+            rows = self._execute(f"DELETE FROM files WHERE path = ? RETURNING {FILE_COLUMNS}", (path,))
+        else:
+            rows = self._execute(f"DELETE FROM files WHERE path = ? AND expires IS NOT NULL AND expires <= ? "
+                                 f"RETURNING {FILE_COLUMNS}", (path, expired_at))
         return _file(rows[0]) if rows else None
 
     def expired(self, now: float, limit: int = 1000) -> list[FileRecord]:
@@ -364,3 +380,12 @@ def _is_full(error: sqlite3.OperationalError) -> bool:
     """SQLITE_FULL: the disk filled under the database (sqlite_errorcode exists from Python 3.11)."""
     code = getattr(error, "sqlite_errorcode", None)
     return code == SQLITE_FULL if code is not None else "is full" in str(error)
+
+
+def run_undo(steps: list[Callable[[], None]]) -> None:
+    """Undo steps, newest first; one that fails is logged and the others still run."""
+    for step in reversed(steps):
+        try:
+            step()
+        except Exception:
+            log.exception("an undo step failed (the janitor or a restart cleans up what it left)")

@@ -112,8 +112,8 @@ class Janitor:
             batch = self.meta.expired(now, BATCH)
             for record in batch:
                 try:
-                    self.catalog.remove(record.path)
-                    run.expired += 1
+                    if self.catalog.remove(record.path, expired_at=now):  # not a fresh upload in its place
+                        run.expired += 1
                 except OSError as e:
                     run.errors.append(f"{record.path}: {e}")
                     log.warning("janitor: could not remove expired %r: %s", record.path, e)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import os
 import queue
 import secrets
@@ -31,6 +32,7 @@ from typing import BinaryIO, Optional
 
 from ..errors import HTTPError, StartupError
 
+log = logging.getLogger("hmacfs")
 INTERNAL_DIR = ".hmacfs"
 PATH_MAX = 4096  # Linux: a longer path is ENAMETOOLONG in any system call
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
@@ -214,13 +216,17 @@ class LocalStore:
     def _unlink_forever(self) -> None:
         assert self._unlink_queue is not None
         while True:
-            self.discard_temp(self._unlink_queue.get())
+            path = self._unlink_queue.get()
+            try:
+                self.discard_temp(path)
+            except OSError as e:  # never let the thread die: the start-up sweep takes what it left
+                log.warning("could not remove %s: %s", path, e)
 
     def sweep_temp(self) -> int:
         """Delete temp files a previous run left behind (after a crash); returns how many."""
         count = 0
         for name in os.listdir(self.tmp_dir):
-            if name.startswith("up-"):
+            if name.startswith(("up-", "trash-")):
                 self.discard_temp(os.path.join(self.tmp_dir, name))
                 count += 1
         return count
@@ -284,16 +290,28 @@ class LocalStore:
     def delete(self, signed_path: str) -> bool:
         """Remove the regular file at `signed_path` and its now-empty parent directories (never
         through a symlink); False if it was not there."""
+        trash = self.detach(signed_path)
+        if trash is None:
+            return False
+        self.discard_temp(trash)
+        return True
+
+    def detach(self, signed_path: str) -> Optional[str]:
+        """Move the regular file at `signed_path` out of the served tree, into a private name below
+        `.hmacfs/tmp/` (a rename: instant whatever the size), and prune now-empty parents; the
+        caller unlinks the returned name (outside any lock: freeing a big file's blocks takes
+        time). None if nothing was there. A crash before the unlink: the start-up sweep."""
         try:
             dir_fd, name = self._parent(signed_path)
         except (FileNotFoundError, PathConflict, OutsideRoot):
-            return False
+            return None
+        trash = os.path.join(self.tmp_dir, f"trash-{secrets.token_hex(16)}")
         try:
             if not _is_regular(os.stat(name, dir_fd=dir_fd, follow_symlinks=False)):
-                return False
-            os.unlink(name, dir_fd=dir_fd)
+                return None
+            os.rename(name, trash, src_dir_fd=dir_fd)
         except FileNotFoundError:
-            return False
+            return None
         finally:
             os.close(dir_fd)
         parents = signed_path.split("/")[:-1]
@@ -308,7 +326,7 @@ class LocalStore:
                 break
             finally:
                 os.close(dir_fd)
-        return True
+        return trash
 
     def free_bytes(self) -> int:
         st = os.statvfs(self.root)

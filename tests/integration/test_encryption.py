@@ -271,3 +271,40 @@ def test_a_blob_directory_in_the_served_tree_is_refused(hmacfs_factory, tmp_path
         hmacfs_factory({"server": {"storagepath": str(storage)},
                         "deduplication": {"enabled": True, "directory": str(directory)}})
     assert "[deduplication] directory" in str(e.value) and "Traceback" not in str(e.value)
+
+
+def test_truncated_to_an_empty_file_is_not_a_complete_200(enc) -> None:
+    """The plaintext size comes from the file length: cut to the header and one empty segment it
+    would read 0 bytes and authenticate nothing. The row's size disagrees: 500."""
+    path = f"{uuid.uuid4()}/cut.bin"
+    assert put(enc, path, pattern(3 * SEGMENT)).status == 201
+    os.truncate(enc.storage / path, HEADER + 28)
+    r = request(enc.port, "GET", url_path(enc.prefix, path))
+    assert r.status == 500 and r.body != b""
+
+
+def test_encrypted_file_without_row_and_without_its_key_is_a_500_and_stays_unrecorded(
+        hmacfs_factory, tmp_path: Path) -> None:
+    import sqlite3
+
+    srv = hmacfs_factory({"encryption": {"enabled": True, "keyfile": keyfile(tmp_path, f"k1 {K1}\n")}})
+    path = f"{uuid.uuid4()}/k.txt"
+    assert put(srv, path, b"under k1").status == 201
+    srv.stop()
+    db = sqlite3.connect(srv.storage / ".hmacfs" / "meta.sqlite3")
+    db.execute("DELETE FROM files WHERE path = ?", (path,))
+    db.commit()
+    db.close()
+    srv.config["encryption"]["keyfile"] = keyfile(tmp_path, f"k2 {K2}\n")
+    srv.start()
+    r = request(srv.port, "GET", url_path(srv.prefix, path))
+    assert r.status == 500 and not r.body.startswith(b"HMFSAEAD")
+    srv.stop()
+    srv.config["encryption"] = {"enabled": False}
+    srv.start()
+    r = request(srv.port, "GET", url_path(srv.prefix, path))
+    assert r.status == 500 and b"HMFSAEAD" not in r.body  # never ciphertext as plaintext
+    srv.stop()
+    srv.config["encryption"] = {"enabled": True, "keyfile": keyfile(tmp_path, f"k1 {K1}\n")}
+    srv.start()
+    assert download(srv, path)[1] == b"under k1"  # no wrong row was left behind

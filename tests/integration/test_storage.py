@@ -291,3 +291,42 @@ def test_metadata_from_a_newer_hmacfs_is_refused_clearly(hmacfs_factory) -> None
         srv.start()
     assert "written by a newer hmacfs (schema 99" in str(e.value) and "Traceback" not in str(e.value)
     assert (srv.storage / path).read_bytes() == b"kept"  # nothing touched
+
+
+def test_concurrent_uploads_of_one_uploader_cannot_all_slip_under_the_quota(hmacfs_factory) -> None:
+    srv = hmacfs_factory({"quotas": {"enabled": True, "peruser": "1MB"}, "uploads": {"maxuploadsize": "10MB"},
+                          "server": {"autoadjustworkers": False}, "workers": {"numworkers": 4}})
+    statuses: list[int] = []
+    data = b"q" * (900 * 1024)
+    threads = [threading.Thread(target=lambda: statuses.append(
+        jwt_put(srv, f"{uuid.uuid4()}/big.bin", data, "greedy@example.org").status)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(statuses) == [201, 507, 507, 507]
+    assert metric(srv, "hmacfs_stored_bytes") == len(data)
+
+
+def test_a_row_reset_to_version_1_does_not_clobber_kept_versions(hmacfs_factory) -> None:
+    """`reindex` (or a lost row) can leave the current row at version 1 while versions are kept:
+    the next versioned PUT numbers past them instead of overwriting version 1."""
+    import sqlite3
+
+    srv = hmacfs_factory({"versioning": {"enableversioning": True, "maxversions": 5}})
+    path = f"{uuid.uuid4()}/doc.txt"
+    for n in (1, 2):
+        assert put(srv, path, f"content {n}".encode()).status == 201
+    srv.stop()
+    db = sqlite3.connect(srv.storage / ".hmacfs" / "meta.sqlite3")
+    db.execute("UPDATE files SET version = 1 WHERE path = ?", (path,))
+    db.commit()
+    db.close()
+    srv.start()
+    assert put(srv, path, b"content 3").status == 201
+    assert put(srv, path, b"content 4").status == 201
+    assert get(srv, path, "?version=1").body == b"content 1"
+    versions = json.loads(get(srv, path, "?versions").body)["versions"]
+    assert [v["version"] for v in versions] == [1, 2, 3, 4]
+    assert [get(srv, path, f"?version={v['version']}").body for v in versions] == \
+        [b"content 1", b"content 2", b"content 3", b"content 4"]

@@ -416,3 +416,12 @@ def test_load_keyfile(tmp_path) -> None:
     path.write_bytes(b"k1 \xff\xfe\n")
     with pytest.raises(KeyfileError, match="UTF-8"):
         load_keyfile(str(path))
+
+
+def test_the_pipeline_knows_the_format_magic() -> None:
+    """pipeline.py recognises encrypted files without importing this module (it loads only
+    when encryption is on): its copy of the magic must not drift."""
+    from hmacfs import pipeline
+    from hmacfs.storage.encrypted import MAGIC
+
+    assert pipeline.ENCRYPTED_MAGIC == MAGIC
