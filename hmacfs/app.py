@@ -73,6 +73,8 @@ class App:
         self.warm = threading.Event()
         self.workers = (auto_workers() if config.server.autoadjustworkers else config.workers.numworkers)
         self.gate = UploadGate(self.workers, config.workers.uploadqueuesize, self.metrics)
+        # Encrypted downloads hold two segment buffers (2 MiB) each: bounded like uploads.
+        self.decrypt_slots = threading.BoundedSemaphore(max(8, 2 * self.workers))
         self.cors = CorsPolicy(config.cors.allowedorigins)
         self.draining = False
         self.router = self._routes()

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("hmacfs")
 IMMUTABLE_MAX_AGE = 31536000
+DECRYPT_WAIT = 10.0  # seconds an encrypted download waits for a decryption slot before a 503
 
 
 def expire_if_due(app: App, signed_path: str, record: Optional[FileRecord]) -> None:
@@ -231,8 +232,11 @@ def _send_decrypted(app: App, ex: Exchange, signed_path: str, status: int, heade
                 raise ConnectionAbortedError("encrypted segment failed authentication") from None
             raise HTTPError(500, "the stored file failed its integrity check") from None
 
+    if not app.decrypt_slots.acquire(timeout=DECRYPT_WAIT):  # two segment buffers per stream
+        raise HTTPError(503, "too many encrypted downloads at once", {"Retry-After": "5"})
     stream = pieces()
     try:
         ex.send_stream(status, headers, last - first + 1, stream)
     finally:
         stream.close()  # waits for a segment read in flight: the caller closes the fd next
+        app.decrypt_slots.release()

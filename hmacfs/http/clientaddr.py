@@ -57,3 +57,17 @@ def client_address(peer: str, headers: Mapping[str, str], trusted: Sequence[Netw
             except ValueError:
                 return peer
     return peer
+
+
+def peer_key(addr: str) -> str:
+    """What the per-address connection cap counts: an IPv4 address (IPv4-mapped IPv6 included),
+    or the /64 of an IPv6 one (a single client usually holds a whole /64)."""
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        return addr
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    if ip.version == 6:
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)

@@ -25,7 +25,7 @@ from ..config import Config, ListenAddress
 from ..errors import HTTPError
 from ..handlers.service import handle_health, handle_metrics
 from ..services.logs import AccessLog, set_level
-from .clientaddr import Network, in_networks, parse_networks
+from .clientaddr import Network, in_networks, parse_networks, peer_key
 from .connection import ConnectionHandler
 from .exchange import refusal
 from .router import Router
@@ -68,7 +68,8 @@ class ConnectionTable:
     """Open connections, their limits (in all and per peer address) and their deadlines.
 
     Admission happens in the accepting thread, atomically with the count, so a burst cannot
-    overshoot a limit. The per-peer cap keeps one address from taking every connection;
+    overshoot a limit. The per-peer cap keeps one address (an IPv6 /64) from taking every
+    connection;
     peers that are trusted proxies are exempt (all their clients arrive from them), and so
     are Unix-socket peers. `metrics=None`: not exported.
     """
@@ -88,6 +89,9 @@ class ConnectionTable:
     def admit(self, sock: socket.socket, peer: Optional[str]) -> Optional[HTTPError]:
         """Register a new connection, or say why it is refused (then it is not registered)."""
         capped = self._capped(peer)
+        if capped:
+            assert peer is not None
+            peer = peer_key(peer)  # IPv6: the /64
         with self._lock:
             if len(self._conns) >= self.limit:
                 return TOO_MANY

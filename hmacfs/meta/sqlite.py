@@ -118,7 +118,10 @@ class SqliteMeta:
         self._undo: list[Callable[[], None]] = []
         try:
             self._db = sqlite3.connect(self.db_path, timeout=30, isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
+            mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal":  # e.g. a filesystem without shared memory for the WAL index
+                raise StartupError(f"metadata database {db_path!r}: SQLite could not use WAL mode "
+                                   f"(got {mode!r}); put storagepath on a local filesystem")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA cache_size=-512")  # KiB; rows are small and hot ones are cached above
             self._migrate()
@@ -344,6 +347,10 @@ class SqliteMeta:
         rows = self._execute("SELECT uploader, files, bytes FROM usage WHERE uploader != ? AND files > 0 "
                              "ORDER BY bytes DESC", (TOTAL,))
         return [Usage(r[0], int(r[1]), int(r[2])) for r in rows]
+
+    def uploader_count(self) -> int:
+        rows = self._execute("SELECT COUNT(*) FROM usage WHERE uploader != ? AND files > 0", (TOTAL,))
+        return int(rows[0][0])
 
     def total_bytes(self) -> int:
         return self.usage(TOTAL).bytes

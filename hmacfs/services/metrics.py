@@ -202,27 +202,54 @@ class ServerMetrics:
                                       "Encrypted downloads cut because a segment failed authentication."))
 
     def watch_storage(self, app) -> None:
-        """Gauges read from the store and the metadata at scrape time (no uploader in any label)."""
-        r, meta = self.registry, app.meta
+        """Gauges of the store and the metadata (no uploader in any label), read at most every
+        few seconds however often /metrics is scraped: the sums are queries over whole tables,
+        and they hold the metadata lock while they run."""
+        r = self.registry
+        snap = StorageSnapshot(app)
         r.add(Gauge("hmacfs_free_bytes", "Free bytes on the storage filesystem (for unprivileged users).",
                     fn=app.store.free_bytes))
-        r.add(Gauge("hmacfs_stored_files", "Stored files and kept versions.", fn=meta.total_files))
-        r.add(Gauge("hmacfs_stored_bytes", "Logical bytes of stored files and kept versions.", fn=meta.total_bytes))
+        r.add(Gauge("hmacfs_stored_files", "Stored files and kept versions.", fn=lambda: snap.get()["files"]))
+        r.add(Gauge("hmacfs_stored_bytes", "Logical bytes of stored files and kept versions.",
+                    fn=lambda: snap.get()["bytes"]))
         r.add(Gauge("hmacfs_uploaders", "Uploaders with at least one stored file.",
-                    fn=lambda: len(meta.all_usage())))
+                    fn=lambda: snap.get()["uploaders"]))
         if app.quotas is not None and app.quotas.total:
             r.add(Gauge("hmacfs_quota_global_bytes", "The global quota ([quotas] global).",
                         fn=lambda: app.quotas.total))
         if app.blobs is not None:
-            r.add(Gauge("hmacfs_dedup_blobs", "Distinct contents in the blob store.", fn=lambda: meta.blob_stats()[0]))
+            r.add(Gauge("hmacfs_dedup_blobs", "Distinct contents in the blob store.", fn=lambda: snap.get()["blobs"]))
             r.add(Gauge("hmacfs_dedup_blob_bytes", "Bytes held once in the blob store (plaintext sizes).",
-                        fn=lambda: meta.blob_stats()[1]))
+                        fn=lambda: snap.get()["blob_bytes"]))
             r.add(Gauge("hmacfs_dedup_logical_bytes", "Bytes of every reference to a blob, as if stored each time.",
-                        fn=lambda: meta.blob_stats()[2]))
+                        fn=lambda: snap.get()["logical"]))
             r.add(Gauge("hmacfs_dedup_saved_bytes", "Bytes deduplication saves (logical minus held).",
-                        fn=lambda: meta.blob_stats()[2] - meta.blob_stats()[1]))
+                        fn=lambda: snap.get()["logical"] - snap.get()["blob_bytes"]))
         r.add(Gauge("hmacfs_ready_warm", "1 once the precache warm-up is done (or off).",
                     fn=lambda: 1.0 if app.warm.is_set() else 0.0))
 
     def render(self) -> str:
         return self.registry.render()
+
+
+class StorageSnapshot:
+    """Storage totals from the metadata, computed once per `max_age` seconds."""
+
+    def __init__(self, app, max_age: float = 5.0) -> None:
+        self.app = app
+        self.max_age = max_age
+        self._at = -max_age
+        self._values: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def get(self) -> dict[str, float]:
+        with self._lock:
+            now = time.monotonic()
+            if now - self._at >= self.max_age:
+                meta = self.app.meta
+                values = {"files": meta.total_files(), "bytes": meta.total_bytes(),
+                          "uploaders": meta.uploader_count()}
+                if self.app.blobs is not None:
+                    values["blobs"], values["blob_bytes"], values["logical"] = meta.blob_stats()
+                self._values, self._at = values, now
+            return self._values

@@ -75,7 +75,7 @@ def test_twenty_identical_uploads_occupy_one_blob(dedup) -> None:
     r = request(dedup.port, "DELETE", signed_v3(dedup.prefix, dedup.secret, paths[19], "DELETE", int(time.time()) + 60))
     assert r.status == 204
     assert blob_files(dedup) == []  # the last reference took the blob with it
-    assert metric(dedup, "hmacfs_dedup_blobs") == 0
+    wait_for(lambda: metric(dedup, "hmacfs_dedup_blobs") == 0, "the gauge (refreshed every 5 s)")
 
 
 def test_racing_uploads_and_deletes_of_one_content_lose_nothing(dedup) -> None:
