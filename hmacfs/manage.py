@@ -321,7 +321,11 @@ def _index_encrypted(tools: Tools, rel: str, record: Optional[FileRecord], fd: i
         size, sha256 = plaintext_digest(fd, tools.keyring, st.st_size)
     except EncryptedFileError as e:
         return f"cannot decrypt it: {e}"
-    tools.meta.put(rebuilt_record(rel, record, st, size, sha256, encrypted=True))
+    rebuilt = rebuilt_record(rel, record, st, size, sha256, encrypted=True)
+    if record is None:
+        tools.meta.put_new(rebuilt)  # a row the server wrote meanwhile wins
+    else:
+        tools.meta.put(rebuilt)
     return None
 
 

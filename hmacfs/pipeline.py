@@ -407,6 +407,8 @@ def record_for_file(meta: MetaStore, signed_path: str, record: Optional[FileReco
     if sha256 is None:
         sha256 = hash_fd(fd, st.st_size)
     rebuilt = rebuilt_record(signed_path, record, st, size, sha256, encrypted)
+    if record is None:  # hashing took a while: an upload may have written the row meanwhile
+        return rebuilt if meta.put_new(rebuilt) else (meta.get(signed_path) or rebuilt)
     meta.put(rebuilt)
     return rebuilt
 
