@@ -19,13 +19,14 @@ MAX_TOTAL = 4 * 1024 * 1024
 
 
 class Identity(NamedTuple):
+    dev: int
     ino: int
     size: int
     mtime_ns: int
 
     @classmethod
     def of(cls, st: os.stat_result) -> Identity:
-        return cls(st.st_ino, st.st_size, st.st_mtime_ns)
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 class HotFiles:

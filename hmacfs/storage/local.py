@@ -271,6 +271,17 @@ class LocalStore:
             return None
         return fd, st
 
+    def identity(self, signed_path: str) -> Optional[os.stat_result]:
+        """One lstat of the full path: to VALIDATE bytes already read through `open` (the hot
+        cache compares device, inode, size and mtime), never to decide what to read. It may
+        pass through a symlinked directory; then it names another inode and the cache misses.
+        One system call instead of a walk: each one hands the GIL to another thread."""
+        try:
+            st = os.lstat(self.full_path(signed_path))
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return st if _is_regular(st) else None
+
     def stat(self, signed_path: str) -> Optional[os.stat_result]:
         """Stat of a regular file at `signed_path` (never through a symlink), else None."""
         try:
