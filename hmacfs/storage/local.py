@@ -72,6 +72,7 @@ class LocalStore:
             self.versions_dir = os.path.join(self.internal, "versions")
             os.makedirs(self.tmp_dir, mode=0o700, exist_ok=True)
             self._lock_fd = _lock_store(os.path.join(self.internal, "lock")) if lock else -1
+            self._root_fd = os.open(self.root, _DIR_FLAGS)
         except OSError as e:
             raise StartupError(f"storage directory {root!r} is not usable: {e.strerror or e}") from None
         # Longest signed path whose full name stays below PATH_MAX (a long root leaves less).
@@ -84,6 +85,9 @@ class LocalStore:
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
+        if self._root_fd >= 0:
+            os.close(self._root_fd)
+            self._root_fd = -1
 
     # -- naming ---------------------------------------------------------------------------------
 
@@ -169,29 +173,29 @@ class LocalStore:
 
     def _walk(self, parents: list[str], create: bool = True) -> int:
         """An fd of root/parents..., made where missing (`create`), walking one component at a time
-        with O_NOFOLLOW: a symlink anywhere is OutsideRoot, a file where a directory should be is
-        PathConflict, a missing one (not `create`) FileNotFoundError."""
-        fd = os.open(self.root, _DIR_FLAGS)
+        with O_NOFOLLOW from the root's fd (held open: it stays on the root's inode): a symlink
+        anywhere is OutsideRoot, a file where a directory should be is PathConflict, a missing
+        one (not `create`) FileNotFoundError. The caller closes the fd."""
+        fd, owned = self._root_fd, False
         try:
             for name in parents:
-                if create:
+                try:
+                    child = _open_dir(fd, name)
+                except FileNotFoundError:
+                    if not create:
+                        raise
                     try:
                         os.mkdir(name, 0o755, dir_fd=fd)
                     except FileExistsError:
                         pass
-                try:
-                    child = os.open(name, _DIR_FLAGS, dir_fd=fd)
-                except OSError as e:
-                    if e.errno not in (errno.ENOTDIR, errno.ELOOP):
-                        raise
-                    if stat.S_ISLNK(os.lstat(name, dir_fd=fd).st_mode):
-                        raise OutsideRoot(name) from None
-                    raise PathConflict(name) from None
-                os.close(fd)
-                fd = child
-            return fd
+                    child = _open_dir(fd, name)
+                if owned:
+                    os.close(fd)
+                fd, owned = child, True
+            return fd if owned else os.dup(fd)
         except BaseException:
-            os.close(fd)
+            if owned:
+                os.close(fd)
             raise
 
     def discard_temp(self, temp_path: str, later: bool = False) -> None:
@@ -342,6 +346,18 @@ class LocalStore:
     def free_bytes(self) -> int:
         st = os.statvfs(self.root)
         return st.f_bavail * st.f_frsize
+
+
+def _open_dir(dir_fd: int, name: str) -> int:
+    """openat(name, O_DIRECTORY | O_NOFOLLOW); a symlink is OutsideRoot, a file PathConflict."""
+    try:
+        return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    except OSError as e:
+        if e.errno not in (errno.ENOTDIR, errno.ELOOP):
+            raise
+        if stat.S_ISLNK(os.lstat(name, dir_fd=dir_fd).st_mode):
+            raise OutsideRoot(name) from None
+        raise PathConflict(name) from None
 
 
 def _lock_store(path: str) -> int:
