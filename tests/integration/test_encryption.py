@@ -196,23 +196,14 @@ def test_encryption_with_dedup_and_versions(hmacfs_factory, tmp_path: Path) -> N
 def test_encrypted_file_without_its_row_is_served_decrypted(enc) -> None:
     """A crash between the link and the row, or a lost database: the header says encrypted, the
     row is rebuilt from the decrypted bytes, and plaintext is what the client gets."""
-    import sqlite3
-
     path = f"{uuid.uuid4()}/lost-row.txt"
     assert put(enc, path, b"row gone, bytes safe").status == 201
     enc.stop()
-    db = sqlite3.connect(enc.storage / ".hmacfs" / "meta.sqlite3")
-    db.execute("DELETE FROM files WHERE path = ?", (path,))
-    db.commit()
-    db.close()
+    enc.sql("DELETE FROM files WHERE path = ?", path)
     enc.start()
     status, body, _ = download(enc, path)
     assert (status, body) == (200, b"row gone, bytes safe")
-    db = sqlite3.connect(enc.storage / ".hmacfs" / "meta.sqlite3")
-    try:
-        assert db.execute("SELECT encrypted, size FROM files WHERE path = ?", (path,)).fetchone() == (1, 20)
-    finally:
-        db.close()
+    assert enc.sql("SELECT encrypted, size FROM files WHERE path = ?", path) == [(1, 20)]
 
 
 def test_sighup_reloads_a_rotated_keyfile(hmacfs_factory, tmp_path: Path) -> None:
@@ -285,16 +276,11 @@ def test_truncated_to_an_empty_file_is_not_a_complete_200(enc) -> None:
 
 def test_encrypted_file_without_row_and_without_its_key_is_a_500_and_stays_unrecorded(
         hmacfs_factory, tmp_path: Path) -> None:
-    import sqlite3
-
     srv = hmacfs_factory({"encryption": {"enabled": True, "keyfile": keyfile(tmp_path, f"k1 {K1}\n")}})
     path = f"{uuid.uuid4()}/k.txt"
     assert put(srv, path, b"under k1").status == 201
     srv.stop()
-    db = sqlite3.connect(srv.storage / ".hmacfs" / "meta.sqlite3")
-    db.execute("DELETE FROM files WHERE path = ?", (path,))
-    db.commit()
-    db.close()
+    srv.sql("DELETE FROM files WHERE path = ?", path)
     srv.config["encryption"]["keyfile"] = keyfile(tmp_path, f"k2 {K2}\n")
     srv.start()
     r = request(srv.port, "GET", url_path(srv.prefix, path))

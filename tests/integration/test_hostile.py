@@ -9,7 +9,6 @@ drop.
 from __future__ import annotations
 
 import socket
-import sqlite3
 import threading
 import time
 import uuid
@@ -388,12 +387,7 @@ def test_stored_content_type_with_controls_is_not_echoed(srv) -> None:
     path = fresh("note.txt")
     assert put(srv, path, b"hello").status == 201
     srv.stop()  # the server caches rows: edit the database while it is down
-    db = sqlite3.connect(srv.storage / ".hmacfs" / "meta.sqlite3")
-    try:
-        db.execute("UPDATE files SET content_type = ? WHERE path = ?", ('text/html; x="\x1b[2J\x00"', path))
-        db.commit()
-    finally:
-        db.close()
+    srv.sql("UPDATE files SET content_type = ? WHERE path = ?", 'text/html; x="\x1b[2J\x00"', path)
     srv.start()
     r = request(srv.port, "GET", url_path(srv.prefix, path))
     assert r.status == 200 and r.body == b"hello"

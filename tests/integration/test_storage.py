@@ -277,16 +277,11 @@ def test_precaching_warms_in_the_background_and_ready_says_when(hmacfs_factory, 
 # -- metadata from a newer version ------------------------------------------------------------------
 
 def test_metadata_from_a_newer_hmacfs_is_refused_clearly(hmacfs_factory) -> None:
-    import sqlite3
-
     srv = hmacfs_factory()
     path = f"{uuid.uuid4()}/keep.txt"
     assert put(srv, path, b"kept").status == 201
     srv.stop()
-    db = sqlite3.connect(srv.storage / ".hmacfs" / "meta.sqlite3")
-    db.execute("PRAGMA user_version = 99")
-    db.commit()
-    db.close()
+    srv.sql("PRAGMA user_version = 99")
     with pytest.raises(RuntimeError) as e:
         srv.start()
     assert "written by a newer hmacfs (schema 99" in str(e.value) and "Traceback" not in str(e.value)
@@ -311,17 +306,12 @@ def test_concurrent_uploads_of_one_uploader_cannot_all_slip_under_the_quota(hmac
 def test_a_row_reset_to_version_1_does_not_clobber_kept_versions(hmacfs_factory) -> None:
     """`reindex` (or a lost row) can leave the current row at version 1 while versions are kept:
     the next versioned PUT numbers past them instead of overwriting version 1."""
-    import sqlite3
-
     srv = hmacfs_factory({"versioning": {"enableversioning": True, "maxversions": 5}})
     path = f"{uuid.uuid4()}/doc.txt"
     for n in (1, 2):
         assert put(srv, path, f"content {n}".encode()).status == 201
     srv.stop()
-    db = sqlite3.connect(srv.storage / ".hmacfs" / "meta.sqlite3")
-    db.execute("UPDATE files SET version = 1 WHERE path = ?", (path,))
-    db.commit()
-    db.close()
+    srv.sql("UPDATE files SET version = 1 WHERE path = ?", path)
     srv.start()
     assert put(srv, path, b"content 3").status == 201
     assert put(srv, path, b"content 4").status == 201

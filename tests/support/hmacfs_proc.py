@@ -9,6 +9,7 @@ import http.client
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -144,6 +145,17 @@ class HmacfsProcess:
             time.sleep(0.05)
         self.kill()
         raise RuntimeError(f"hmacfs did not become healthy:\n{self.log()}")
+
+    def sql(self, statement: str, *params: object) -> list[tuple]:
+        """Run one statement on the server's metadata database (stop the server first when
+        writing: it caches rows), as an operator's sqlite3 shell would; returns the rows."""
+        db = sqlite3.connect(self.storage / ".hmacfs" / "meta.sqlite3")
+        try:
+            rows = db.execute(statement, params).fetchall()
+            db.commit()
+            return rows
+        finally:
+            db.close()
 
     def log(self) -> str:
         try:
