@@ -99,6 +99,10 @@ END;
 """ for table in ("files", "versions"))
 
 
+# Added after schema 2 shipped; an index changes no row, so it needs no new schema version.
+VERSIONS_BY_LOCATION = "CREATE INDEX IF NOT EXISTS versions_location ON versions (location) WHERE location IS NOT NULL"
+
+
 class SqliteMeta:
     """MetaStore on one SQLite file in WAL mode (shared with the `hmacfs files` tools)."""
 
@@ -138,8 +142,10 @@ class SqliteMeta:
             raise StartupError(f"metadata database {self.db_path!r} was written by a newer hmacfs (schema "
                                f"{found}; this version reads up to {SCHEMA_VERSION}): upgrade hmacfs")
         if found == SCHEMA_VERSION:
+            self._db.execute(VERSIONS_BY_LOCATION)
             return
-        script = "BEGIN IMMEDIATE;" + TABLES + V2 + _USAGE_TRIGGERS + f"PRAGMA user_version = {SCHEMA_VERSION};COMMIT;"
+        script = ("BEGIN IMMEDIATE;" + TABLES + V2 + _USAGE_TRIGGERS + VERSIONS_BY_LOCATION + ";"
+                  f"PRAGMA user_version = {SCHEMA_VERSION};COMMIT;")
         try:
             self._db.executescript(script)
         except BaseException:
@@ -321,6 +327,10 @@ class SqliteMeta:
         """Kept older versions of `path`, oldest first."""
         rows = self._execute(f"SELECT {VERSION_COLUMNS} FROM versions WHERE path = ? ORDER BY version", (path,))
         return [_version(row) for row in rows]
+
+    def version_file_known(self, location: str) -> bool:
+        """Does a version row name this file below the versions directory?"""
+        return bool(self._execute("SELECT 1 FROM versions WHERE location = ? LIMIT 1", (location,)))
 
     def add_version(self, version: VersionRecord) -> None:
         self._execute(f"INSERT INTO versions ({VERSION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("hmacfs")
 BATCH = 200
 PAUSE = 0.05          # seconds between batches
+ORPHAN_AGE = 3600.0   # a file without its row this old is a crash's leftover, not a commit in progress
 DAY = 86400.0
 
 
@@ -41,12 +42,14 @@ class JanitorRun:
 
     expired: int = 0
     temp_files: int = 0
+    orphans: int = 0
     blobs_removed: int = 0
     refs_fixed: int = 0
     errors: list[str] = field(default_factory=list)
 
     def any(self) -> bool:
-        return bool(self.expired or self.temp_files or self.blobs_removed or self.refs_fixed or self.errors)
+        return bool(self.expired or self.temp_files or self.orphans or self.blobs_removed or self.refs_fixed
+                    or self.errors)
 
 
 class Janitor:
@@ -95,6 +98,7 @@ class Janitor:
         run = JanitorRun()
         self._expire(now, run)
         self._sweep_temp(now, run)
+        self._sweep_orphans(now, run)
         self.meta.prune_upload_log(now - DAY)
         if self.blobs is not None:
             self._reconcile_blobs(run)
@@ -103,8 +107,9 @@ class Janitor:
             self.metrics.janitor_runs.inc()
             self.metrics.expired_removed.inc(run.expired)
         if run.any():
-            log.info("janitor: removed %d expired file(s), %d stale temp file(s), %d unreferenced blob(s); "
-                     "fixed %d blob count(s)", run.expired, run.temp_files, run.blobs_removed, run.refs_fixed)
+            log.info("janitor: removed %d expired file(s), %d stale temp file(s), %d orphan(s), %d unreferenced "
+                     "blob(s); fixed %d blob count(s)", run.expired, run.temp_files, run.orphans, run.blobs_removed,
+                     run.refs_fixed)
         return run
 
     def _expire(self, now: float, run: JanitorRun) -> None:
@@ -134,6 +139,23 @@ class Janitor:
                     run.temp_files += 1
             except FileNotFoundError:
                 continue
+
+    def _sweep_orphans(self, now: float, run: JanitorRun) -> None:
+        """Files a crash left without a row: a version file linked before its row's transaction
+        failed, a `.part` of a blob copy to another filesystem. Only those older than an hour
+        (a commit in progress is seconds old)."""
+        for dirpath, _dirs, files in os.walk(self.store.versions_dir):
+            for name in files:
+                path = os.path.join(dirpath, name)
+                location = os.path.relpath(path, self.store.versions_dir)
+                if _older(path, now, ORPHAN_AGE) and not self.meta.version_file_known(location):
+                    _unlink(path, run)
+        if self.blobs is not None:
+            for dirpath, _dirs, files in os.walk(self.blobs.directory):
+                for name in files:
+                    path = os.path.join(dirpath, name)
+                    if name.endswith(".part") and _older(path, now, ORPHAN_AGE):
+                        _unlink(path, run)
 
     def _reconcile_blobs(self, run: JanitorRun) -> None:
         """Counts that disagree with the rows are set to the rows' count (a blob at 0 goes)."""
@@ -173,3 +195,20 @@ class Janitor:
             run.blobs_removed += 1
         except FileNotFoundError:
             pass
+
+
+def _older(path: str, now: float, age: float) -> bool:
+    """By ctime: a version file is a new link to an old inode (its mtime is the upload's), and
+    making a link updates the inode's ctime."""
+    try:
+        return now - os.lstat(path).st_ctime > age
+    except FileNotFoundError:
+        return False
+
+
+def _unlink(path: str, run: JanitorRun) -> None:
+    try:
+        os.unlink(path)
+        run.orphans += 1
+    except FileNotFoundError:
+        pass

@@ -320,3 +320,31 @@ def test_a_row_reset_to_version_1_does_not_clobber_kept_versions(hmacfs_factory)
     assert [v["version"] for v in versions] == [1, 2, 3, 4]
     assert [get(srv, path, f"?version={v['version']}").body for v in versions] == \
         [b"content 1", b"content 2", b"content 3", b"content 4"]
+
+
+def test_janitor_removes_crash_leftovers_but_not_kept_versions(hmacfs_factory) -> None:
+    """A version file whose row never committed (a crash) is removed once it is an hour old by
+    ctime; a kept version, however old its content, stays. The janitor is run in-process on
+    the server's store with its clock an hour and a minute ahead."""
+    from hmacfs.catalog import Catalog
+    from hmacfs.meta import SqliteMeta
+    from hmacfs.services.janitor import Janitor
+    from hmacfs.storage.local import LocalStore
+
+    srv = hmacfs_factory({"versioning": {"enableversioning": True, "maxversions": 3}})
+    path = f"{uuid.uuid4()}/doc.txt"
+    assert put(srv, path, b"one").status == 201 and put(srv, path, b"two").status == 201
+    versions = srv.storage / ".hmacfs" / "versions"
+    kept = [p for p in versions.rglob("*") if p.is_file()]
+    assert len(kept) == 1
+    orphan = kept[0].parent / "99"
+    orphan.write_bytes(b"left by a crash")
+    srv.stop()
+    store = LocalStore(str(srv.storage), lock=False)
+    meta = SqliteMeta(str(srv.storage / ".hmacfs" / "meta.sqlite3"), cache=False)
+    janitor = Janitor(store, meta, Catalog(store, meta), None, 3600, 3600)
+    assert janitor.run_once(time.time()).orphans == 0  # too young: could be a commit in progress
+    assert janitor.run_once(time.time() + 3660).orphans == 1
+    assert not orphan.exists() and kept[0].read_bytes() == b"one"
+    meta.close()
+    store.close()
