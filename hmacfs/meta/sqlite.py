@@ -25,6 +25,7 @@ from .record import FileRecord, Usage, VersionRecord
 
 log = logging.getLogger("hmacfs")
 SQLITE_FULL = 13
+MIN_SQLITE = (3, 35, 0)  # DELETE/INSERT ... RETURNING (Debian 12, Ubuntu 22.04 and later ship newer)
 MAX_DB_PATH_BYTES = 504  # SQLite's unix VFS caps path names at 512 bytes, "-journal" included
 
 SCHEMA_VERSION = 2
@@ -110,6 +111,9 @@ class SqliteMeta:
 
     def __init__(self, db_path: str, cache: bool = True) -> None:
         self.db_path = db_path
+        if sqlite3.sqlite_version_info < MIN_SQLITE:
+            raise StartupError(f"the SQLite library is {sqlite3.sqlite_version}; hmacfs needs "
+                               f"{'.'.join(map(str, MIN_SQLITE))} or newer (RETURNING, upserts)")
         if len(os.fsencode(db_path)) > MAX_DB_PATH_BYTES:
             raise StartupError(f"the storage path is too long: SQLite cannot open {db_path!r} "
                                f"({len(os.fsencode(db_path))} bytes, at most {MAX_DB_PATH_BYTES}); "
