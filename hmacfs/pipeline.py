@@ -252,7 +252,7 @@ class UploadPipeline:
                                     sha256=received.sha256, created=time.time(),
                                     mtime_ns=0 if ref else os.stat(source).st_mtime_ns,
                                     expires=upload.expires, uploader=upload.uploader,
-                                    version=self._next_version(current),
+                                    version=kept.version + 1 if kept is not None else 1,
                                     blob=blob, ref=ref, encrypted=received.encrypted)
                 if upload.admit is not None:
                     upload.admit(record)  # quotas: checked and logged with the row, in one transaction
@@ -267,9 +267,6 @@ class UploadPipeline:
         use it (a row rebuilt by reindex says 1 while versions 1..n are kept): then one past them."""
         kept = [v.version for v in self.meta.versions(current.path)]
         return max(current.version, max(kept) + 1) if kept else current.version
-
-    def _next_version(self, current: Optional[FileRecord]) -> int:
-        return 1 if current is None else self._current_number(current) + 1
 
     def _place(self, source: str, path: str, replace_existing: bool, ref: bool) -> bool:
         """Make `source` visible at `path`; returns True when it became a metadata `ref` instead

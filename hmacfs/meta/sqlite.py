@@ -243,10 +243,6 @@ class SqliteMeta:
             self._remember(record)
         return bool(rows)
 
-    def delete(self, path: str) -> None:
-        self._forget(path)
-        self._execute("DELETE FROM files WHERE path = ?", (path,))
-
     def take(self, path: str, expired_at: Optional[float] = None) -> Optional[FileRecord]:
         """Delete the row of `path` and return it as it was in the database (not the cache):
         whoever takes a row owns releasing what it pointed at, exactly once, even when another
