@@ -14,16 +14,18 @@ from typing import Optional
 from .catalog import Catalog
 from .config import Config
 from .errors import StartupError
-from .handlers.delete import handle_delete, handle_options
+from .handlers.delete import handle_delete
 from .handlers.download import handle_get
+from .handlers.partial import RESOURCE_DIR
+from .handlers.resumable import handle_options, handle_post, handle_put, handle_resource
 from .handlers.service import handle_health, handle_metrics, handle_ready
-from .handlers.upload import handle_put
 from .http.exchange import CorsPolicy
 from .http.router import Router
 from .meta import SqliteMeta
 from .pipeline import PathLocks, UploadPipeline
 from .policy.paths import MAX_PATH_BYTES
 from .policy.quotas import QuotaLimits
+from .resumable import ResumableUploads, Writers
 from .services.hotcache import HotFiles
 from .services.janitor import Janitor
 from .services.metrics import ServerMetrics
@@ -31,6 +33,7 @@ from .services.precache import precache
 from .services.workers import UploadGate, auto_workers
 from .storage.blobs import BlobStore
 from .storage.local import LocalStore
+from .storage.partials import PartialFiles
 
 log = logging.getLogger("hmacfs")
 
@@ -68,8 +71,13 @@ class App:
         self.file_ttl = config.server.filettl if config.server.filettlenabled else None
         self.metrics = metrics or ServerMetrics()
         self.metrics.watch_storage(self)
+        uploads = config.uploads
+        self.resumable = (ResumableUploads(PartialFiles(os.path.join(self.store.internal, "partials")), self.meta,
+                                           self.pipeline, self.store, uploads.resumableexpiry,
+                                           Writers(on_takeover=self.metrics.resumable_takeovers.inc))
+                          if uploads.resumableuploadsenabled else None)
         self.janitor = Janitor(self.store, self.meta, self.catalog, self.blobs, config.server.cleanupinterval,
-                               max(config.timeouts.readtimeout, 60.0) + 60.0, self.metrics)
+                               max(config.timeouts.readtimeout, 60.0) + 60.0, self.metrics, self.resumable)
         self.warm = threading.Event()
         self.workers = (auto_workers() if config.server.autoadjustworkers else config.workers.numworkers)
         self.gate = UploadGate(self.workers, config.workers.uploadqueuesize, self.metrics)
@@ -108,6 +116,9 @@ class App:
         if self.config.server.metricsenabled and self.metrics_on_main_port:
             router.add_service(self.config.server.metricspath, handle_metrics)
         router.add_file_route("PUT", handle_put)
+        if self.resumable is not None:
+            router.add_file_route("POST", handle_post)
+            router.add_resource_route(self.prefix + RESOURCE_DIR, handle_resource)
         router.add_file_route("GET", handle_get)
         router.add_file_route("HEAD", handle_get)
         router.add_file_route("DELETE", handle_delete)

@@ -27,9 +27,11 @@ def storage_full() -> HTTPError:
 
 
 def reason(status: int) -> str:
-    """The standard reason phrase (with tus's 460 and a fallback for unknown codes)."""
+    """The standard reason phrase (with tus's 460, the resumable-upload draft's 104 and a fallback)."""
     if status == 460:
         return "Checksum Mismatch"
+    if status == 104:  # draft-ietf-httpbis-resumable-upload (not in http.HTTPStatus)
+        return "Upload Resumption Supported"
     try:
         return HTTPStatus(status).phrase
     except ValueError:

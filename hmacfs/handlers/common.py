@@ -12,11 +12,15 @@ if TYPE_CHECKING:
     from ..app import App
 
 
-def request_facts(app: App, ex: Exchange, signed_path: str, content_length: Optional[int]) -> RequestFacts:
+def request_facts(app: App, ex: Exchange, signed_path: str, content_length: Optional[int],
+                  method: Optional[str] = None, content_type: Optional[str] = None) -> RequestFacts:
+    """The facts a signature is checked against; a resumable upload's creation passes the
+    slot's method (PUT), its total length and the type it declares instead of the request's."""
     req = ex.req
-    return RequestFacts(method=req.method, signed_path=signed_path, full_path=app.prefix + signed_path,
+    return RequestFacts(method=method or req.method, signed_path=signed_path, full_path=app.prefix + signed_path,
                         query=req.query, authorization=req.headers.get("authorization", ""),
-                        content_type=req.headers.get("content-type"), content_length=content_length)
+                        content_type=content_type if content_type is not None else req.headers.get("content-type"),
+                        content_length=content_length)
 
 
 @contextmanager

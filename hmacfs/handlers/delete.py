@@ -1,4 +1,4 @@
-"""DELETE (signed) and OPTIONS (the CORS preflight) on file URLs."""
+"""DELETE (signed) on file URLs."""
 from __future__ import annotations
 
 import time
@@ -12,8 +12,6 @@ from .common import auth_failures_counted, request_facts
 if TYPE_CHECKING:
     from ..app import App
 
-FILE_METHODS = "OPTIONS, HEAD, GET, PUT, DELETE"
-
 
 def handle_delete(app: App, ex: Exchange, signed_path: str) -> None:
     facts = request_facts(app, ex, signed_path, None)
@@ -24,7 +22,3 @@ def handle_delete(app: App, ex: Exchange, signed_path: str) -> None:
     app.metrics.deletes.inc()
     ex.send(204)
 
-
-def handle_options(app: App, ex: Exchange, signed_path: str) -> None:
-    """CORS preflight: no authentication (browsers send none), never touches storage."""
-    ex.send(204, [("Allow", FILE_METHODS), *ex.cors.preflight(FILE_METHODS)])

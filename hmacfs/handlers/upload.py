@@ -12,6 +12,7 @@ version instead of a 409.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional, Union
 from urllib.parse import quote
 
@@ -32,10 +33,13 @@ if TYPE_CHECKING:
     from ..app import App
 
 
-def body_framing(ex: Exchange) -> Optional[int]:
-    """Content-Length of the body, or None for chunked (the head parser validated both); 411 else."""
+def body_framing(app: App, ex: Exchange) -> Optional[int]:
+    """Content-Length of the body, or None for chunked (the head parser validated both); 411 else
+    (also for chunked when `chunkeduploadsenabled` is off)."""
     req = ex.req
     if req.chunked:
+        if not app.config.uploads.chunkeduploadsenabled:
+            raise HTTPError(411, "chunked request bodies are turned off here: send Content-Length")
         return None
     if req.content_length is None:
         raise HTTPError(411, "Content-Length or chunked Transfer-Encoding required")
@@ -49,17 +53,37 @@ def handle_put(app: App, ex: Exchange, signed_path: str) -> None:
     except HTTPError as err:
         app.metrics.upload_errors.inc(1, str(err.status))
         raise
-    app.metrics.uploads.inc(1, grant.protocol)
-    app.metrics.upload_bytes.inc(record.size)
+    count_upload(app, grant.protocol, record.size, started)
+    ex.send(201, [("ETag", strong_etag(record.sha256)), ("Location", file_location(app, signed_path))])
+
+
+def count_upload(app: App, protocol: str, size: int, started: float) -> None:
+    app.metrics.uploads.inc(1, protocol)
+    app.metrics.upload_bytes.inc(size)
     app.metrics.upload_seconds.observe(time.monotonic() - started)
-    location = app.prefix + quote(signed_path)
-    ex.send(201, [("ETag", strong_etag(record.sha256)), ("Location", location)])
 
 
-def _put(app: App, ex: Exchange, signed_path: str):
+def file_location(app: App, signed_path: str) -> str:
+    return app.prefix + quote(signed_path)
+
+
+@dataclass(frozen=True)
+class Admission:
+    """An upload the server agreed to take: what its signature granted and what the file will be."""
+
+    grant: auth.UploadGrant
+    declared: Optional[int]         # its size, when known before the body
+    content_type: str
+    file_expires: Optional[float]   # its own expiry from the grant or the request (the TTL comes at commit)
+    uploader: Optional[str]
+
+
+def admit_upload(app: App, ex: Exchange, signed_path: str, length: Optional[int], method: Optional[str] = None,
+                 content_type: Optional[str] = None) -> Admission:
+    """Every check an upload passes before a body byte is read (see the module docstring);
+    `length` is what the signature binds (the body's, or a resumable upload's total)."""
     cfg = app.config
-    length = body_framing(ex)
-    facts = request_facts(app, ex, signed_path, length)
+    facts = request_facts(app, ex, signed_path, length, method, content_type)
     now = time.time()
     with auth_failures_counted(app):
         grant = auth.authorize_upload(app.secrets, app.jwt_secrets, facts, now)
@@ -76,6 +100,19 @@ def _put(app: App, ex: Exchange, signed_path: str):
         raise storage_full()
     uploader = uploader_of(cfg.quotas.identity, grant.uploader, signed_path)
     check_quotas(app, uploader, declared or 0, now)
+    return Admission(grant=grant, declared=declared,
+                     content_type=(clean_content_type(grant.content_type) or clean_content_type(facts.content_type)
+                                   or guess_type(signed_path)),
+                     file_expires=explicit_expiry(grant, ex.req.headers.get("x-hmacfs-expires")),
+                     uploader=uploader)
+
+
+def pipeline_upload(app: App, signed_path: str, content_type: str, file_expires: Optional[float],
+                    uploader: Optional[str], now: float) -> pipeline.Upload:
+    """What the commit needs: the file's expiry (the TTL counts from now), and the quotas'
+    last check with the real size inside the commit's transaction."""
+    ttl = app.file_ttl
+    candidates = [t for t in (now + ttl if ttl is not None else None, file_expires) if t is not None]
 
     def admit(record: FileRecord) -> None:
         """In the commit's transaction: the quotas once more with the real size (concurrent
@@ -84,26 +121,34 @@ def _put(app: App, ex: Exchange, signed_path: str):
         if uploader is not None and app.quotas is not None and app.quotas.per_day:
             app.meta.log_upload(uploader, now, record.size)
 
-    upload = pipeline.Upload(
-        signed_path=signed_path,
-        content_type=(clean_content_type(grant.content_type) or clean_content_type(facts.content_type)
-                      or guess_type(signed_path)),
-        expires=file_expiry(now, app.file_ttl, grant, ex.req.headers.get("x-hmacfs-expires")),
-        uploader=uploader, admit=admit if app.quotas is not None else None)
+    return pipeline.Upload(signed_path=signed_path, content_type=content_type,
+                           expires=min(candidates) if candidates else None, uploader=uploader,
+                           admit=admit if app.quotas is not None else None)
+
+
+def _put(app: App, ex: Exchange, signed_path: str):
+    length = body_framing(app, ex)
+    admitted = admit_upload(app, ex, signed_path, length)
+    grant, declared = admitted.grant, admitted.declared
+    upload = pipeline_upload(app, signed_path, admitted.content_type, admitted.file_expires, admitted.uploader,
+                             time.time())
     with app.gate.slot(declared) as buf:
         ex.send_continue()
-        body: Union[LengthBody, ChunkedBody]
-        if length is not None:
-            body = LengthBody(ex.req.rfile, length)
-        else:
-            body = ChunkedBody(ex.req.rfile, grant.size if grant.size is not None else limit)
+        body = request_body(ex, grant.size if grant.size is not None else app.config.uploads.maxuploadsize)
         try:
-            received = app.pipeline.receive(body, buf, cfg.server.minfreebytes, declared)
+            received = app.pipeline.receive(body, buf, app.config.server.minfreebytes, declared)
         finally:
             ex.req.body_consumed = body.complete
 
         record = app.pipeline.commit(received, upload, lambda r: grant.check_final_size(r.size))
     return record, grant
+
+
+def request_body(ex: Exchange, chunked_limit: int) -> Union[LengthBody, ChunkedBody]:
+    """The body reader: exactly Content-Length bytes, or a chunked body of at most `chunked_limit`."""
+    if ex.req.chunked:
+        return ChunkedBody(ex.req.rfile, chunked_limit)
+    return LengthBody(ex.req.rfile, ex.req.content_length or 0)
 
 
 def check_quotas(app: App, uploader: Optional[str], size: int, now: float) -> None:
@@ -121,12 +166,11 @@ def check_quotas(app: App, uploader: Optional[str], size: int, now: float) -> No
         raise refusal(quota, limits, standing, size)
 
 
-def file_expiry(now: float, ttl: Optional[float], grant: auth.UploadGrant, header: Optional[str]) -> Optional[float]:
-    """The file's own expiry: the earliest of the global TTL, the JWT `expires` claim and, for v3
-    uploads (whose URL already chose the path and the time), an `X-Hmacfs-Expires` header."""
+def explicit_expiry(grant: auth.UploadGrant, header: Optional[str]) -> Optional[float]:
+    """The file's own expiry, apart from the global TTL: the earlier of the JWT `expires` claim
+    and, for v3 uploads (whose URL already chose the path and the time), an `X-Hmacfs-Expires`
+    header."""
     candidates = []
-    if ttl is not None:
-        candidates.append(now + ttl)
     if grant.file_expires is not None:
         candidates.append(float(grant.file_expires))
     if header is not None and grant.protocol == "v3":

@@ -20,12 +20,14 @@ from .httpmsg import SECURITY_HEADERS, http_date
 
 SMALL_FILE = 256 * 1024   # read and send with the headers in one write below this size
 DRAIN_LIMIT = 64 * 1024   # an unread request body up to this size is read and dropped to keep the connection
-EXPOSE_HEADERS = ("Location, Upload-Offset, Upload-Length, Upload-Expires, Tus-Resumable, Tus-Version, "
+EXPOSE_HEADERS = ("Location, Upload-Offset, Upload-Length, Upload-Expires, Upload-Metadata, Upload-Complete, "
+                  "Upload-Incomplete, Upload-Limit, Upload-Draft-Interop-Version, Tus-Resumable, Tus-Version, "
                   "Tus-Extension, Tus-Max-Size, Tus-Checksum-Algorithm, ETag, Content-Range, "
                   "Content-Length, Content-Disposition")
 ALLOW_HEADERS = ("Authorization, Content-Type, Content-Range, Range, If-None-Match, If-Modified-Since, "
                  "If-Range, Tus-Resumable, Upload-Length, Upload-Metadata, Upload-Offset, "
-                 "Upload-Checksum, Upload-Concat, Upload-Defer-Length, X-Requested-With, X-Hmacfs-Expires, "
+                 "Upload-Checksum, Upload-Concat, Upload-Defer-Length, Upload-Complete, Upload-Incomplete, "
+                 "Upload-Draft-Interop-Version, X-Requested-With, X-Hmacfs-Expires, "
                  "X-HTTP-Method-Override")
 _MSG_MORE = getattr(socket, "MSG_MORE", 0)
 
@@ -160,6 +162,14 @@ class Exchange:
         if self.req.expect_continue and not self.sent_continue and self.req.version == "HTTP/1.1":
             self.sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
             self.sent_continue = True
+
+    def send_interim(self, status: int, headers: list[tuple[str, str]]) -> None:
+        """An informational (1xx) response before the final one, such as the resumable-upload
+        draft's 104; HTTP/1.0 clients cannot take one and get none."""
+        if self.req.version != "HTTP/1.1":
+            return
+        lines = [f"HTTP/1.1 {status} {reason(status)}\r\n", *(f"{n}: {v}\r\n" for n, v in headers), "\r\n"]
+        self.sock.sendall("".join(lines).encode("latin-1", "replace"))
 
     def send(self, status: int, headers: Optional[list[tuple[str, str]]] = None, body: bytes = b"",
              content_type: Optional[str] = None) -> None:

@@ -6,6 +6,7 @@ the prefix, so they can never shadow an uploaded file.
 """
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Callable, Optional
 
 from ..errors import HTTPError
@@ -15,6 +16,7 @@ from .exchange import Exchange
 if TYPE_CHECKING:
     from ..app import App
 
+_RESOURCE_NAME = re.compile(rb"[A-Za-z0-9_-]{1,64}")
 ServiceHandler = Callable[["App", Exchange], None]
 FileHandler = Callable[["App", Exchange, str], None]
 
@@ -29,6 +31,7 @@ class Router:
         self.max_path_bytes = max_path_bytes
         self.services: dict[bytes, tuple[frozenset[str], ServiceHandler]] = {}
         self.file_routes: dict[str, FileHandler] = {}
+        self.resource_routes: list[tuple[bytes, FileHandler]] = []
 
     def add_service(self, path: str, handler: ServiceHandler, methods: tuple[str, ...] = ("GET", "HEAD"),
                     also_unreserved: bool = True) -> None:
@@ -42,6 +45,12 @@ class Router:
 
     def add_file_route(self, method: str, handler: FileHandler) -> None:
         self.file_routes[method] = handler
+
+    def add_resource_route(self, path_prefix: str, handler: FileHandler) -> None:
+        """Every method on `path_prefix<name>` goes to `handler` with the name (ASCII letters,
+        digits, `-` and `_`; 404 otherwise): resources that are not files, such as uploads in
+        progress. The prefix must be one no file path can take (a dot segment)."""
+        self.resource_routes.append((path_prefix.encode(), handler))
 
     def allowed_file_methods(self) -> str:
         return ", ".join(sorted(self.file_routes))
@@ -57,6 +66,13 @@ class Router:
             return
         if self.prefix is None:
             raise HTTPError(404, "not found")
+        for resource_prefix, resource_handler in self.resource_routes:
+            if req.raw_path.startswith(resource_prefix):
+                name = req.raw_path[len(resource_prefix):]
+                if not _RESOURCE_NAME.fullmatch(name):
+                    raise HTTPError(404, "not found")
+                resource_handler(app, ex, name.decode("ascii"))
+                return
         path = signed_path(req.raw_path, self.prefix, self.max_path_bytes)  # 404 outside, 400 unsafe, 414
         file_handler: Optional[FileHandler] = self.file_routes.get(req.method)
         if file_handler is None:

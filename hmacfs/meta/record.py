@@ -48,6 +48,28 @@ class VersionRecord:
 
 
 @dataclass(frozen=True)
+class PartialRecord:
+    """A resumable upload (tus or IETF) not yet committed: its slot and what it will become.
+
+    The bytes received so far live apart (storage/partials.py); their count is the offset.
+    `completed` rows stay until they expire, so a client that lost the last response learns
+    from HEAD that its upload is whole instead of starting again."""
+
+    id: str
+    path: str                   # the signed path the upload will be committed at
+    length: int                 # the total size, bound by the signature
+    content_type: str
+    protocol: str               # "tus" or "ietf"
+    created: float
+    expires: float              # when an unfinished upload is removed (moves on with each append)
+    file_expires: Optional[float] = None  # the file's own expiry from the grant (JWT claim, header)
+    uploader: Optional[str] = None
+    metadata: str = ""          # tus Upload-Metadata as received (echoed on HEAD)
+    grant: str = ""             # which signature protocol created it (metrics)
+    completed: bool = False
+
+
+@dataclass(frozen=True)
 class Usage:
     """Stored bytes and files of one uploader (current files and kept versions), logical sizes."""
 
@@ -74,3 +96,8 @@ class MetaStore(Protocol):
     def total_bytes(self) -> int: ...
     def bytes_since(self, uploader: str, since: float) -> int: ...
     def log_upload(self, uploader: str, at: float, size: int) -> None: ...
+    def partial_put(self, record: PartialRecord) -> None: ...
+    def partial_get(self, upload_id: str) -> Optional[PartialRecord]: ...
+    def partial_delete(self, upload_id: str) -> bool: ...
+    def partials_expired(self, now: float, limit: int = 1000) -> list[PartialRecord]: ...
+    def partial_ids(self) -> set[str]: ...

@@ -21,18 +21,20 @@ from contextlib import contextmanager
 from typing import Callable, Iterator, Optional
 
 from ..errors import StartupError, storage_full
-from .record import FileRecord, Usage, VersionRecord
+from .record import FileRecord, PartialRecord, Usage, VersionRecord
 
 log = logging.getLogger("hmacfs")
 SQLITE_FULL = 13
 MIN_SQLITE = (3, 35, 0)  # DELETE/INSERT ... RETURNING (Debian 12, Ubuntu 22.04 and later ship newer)
 MAX_DB_PATH_BYTES = 504  # SQLite's unix VFS caps path names at 512 bytes, "-journal" included
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 TOTAL = "\x00total"  # the usage row that counts every file (no uploader can be named so)
 FILE_COLUMNS = ("path, size, content_type, sha256, created, mtime_ns, expires, uploader, version, blob, ref, "
                 "encrypted")
 VERSION_COLUMNS = "path, version, size, content_type, sha256, created, uploader, blob, location, encrypted"
+PARTIAL_COLUMNS = ("id, path, length, content_type, protocol, created, expires, file_expires, uploader, metadata, "
+                   "grant_protocol, completed")
 
 TABLES = """
 CREATE TABLE IF NOT EXISTS files (
@@ -76,6 +78,25 @@ CREATE TABLE upload_log (uploader TEXT NOT NULL, at REAL NOT NULL, size INTEGER 
 CREATE INDEX upload_log_by ON upload_log (uploader, at);
 INSERT INTO usage SELECT uploader, COUNT(*), SUM(size) FROM files WHERE uploader IS NOT NULL GROUP BY uploader;
 INSERT INTO usage SELECT char(0) || 'total', COUNT(*), COALESCE(SUM(size), 0) FROM files;
+"""
+
+# Version 3: resumable uploads (tus and IETF) in progress; their bytes live in .hmacfs/partials/.
+V3 = """
+CREATE TABLE IF NOT EXISTS partials (
+    id TEXT PRIMARY KEY,
+    path TEXT NOT NULL,
+    length INTEGER NOT NULL,
+    content_type TEXT NOT NULL,
+    protocol TEXT NOT NULL,
+    created REAL NOT NULL,
+    expires REAL NOT NULL,
+    file_expires REAL,
+    uploader TEXT,
+    metadata TEXT NOT NULL DEFAULT '',
+    grant_protocol TEXT NOT NULL DEFAULT '',
+    completed INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS partials_expires ON partials (expires);
 """
 
 # Usage rows follow every insert, update and delete of files and versions, in the same
@@ -148,8 +169,8 @@ class SqliteMeta:
         if found == SCHEMA_VERSION:
             self._db.execute(VERSIONS_BY_LOCATION)
             return
-        script = ("BEGIN IMMEDIATE;" + TABLES + V2 + _USAGE_TRIGGERS + VERSIONS_BY_LOCATION + ";"
-                  f"PRAGMA user_version = {SCHEMA_VERSION};COMMIT;")
+        steps = (TABLES + V2 + _USAGE_TRIGGERS if found < 2 else "") + VERSIONS_BY_LOCATION + ";"
+        script = f"BEGIN IMMEDIATE;{steps}{V3}PRAGMA user_version = {SCHEMA_VERSION};COMMIT;"
         try:
             self._db.executescript(script)
         except BaseException:
@@ -378,6 +399,35 @@ class SqliteMeta:
 
     def prune_upload_log(self, before: float) -> None:
         self._execute("DELETE FROM upload_log WHERE at < ?", (before,))
+
+
+    # -- resumable uploads in progress -----------------------------------------------------------
+
+    def partial_put(self, record: PartialRecord) -> None:
+        """Insert or replace the row of one resumable upload."""
+        self._execute(f"INSERT OR REPLACE INTO partials ({PARTIAL_COLUMNS}) VALUES ({', '.join('?' * 12)})",
+                      (record.id, record.path, record.length, record.content_type, record.protocol, record.created,
+                       record.expires, record.file_expires, record.uploader, record.metadata, record.grant,
+                       int(record.completed)))
+
+    def partial_get(self, upload_id: str) -> Optional[PartialRecord]:
+        rows = self._execute(f"SELECT {PARTIAL_COLUMNS} FROM partials WHERE id = ?", (upload_id,))
+        return _partial(rows[0]) if rows else None
+
+    def partial_delete(self, upload_id: str) -> bool:
+        return bool(self._execute("DELETE FROM partials WHERE id = ? RETURNING id", (upload_id,)))
+
+    def partials_expired(self, now: float, limit: int = 1000) -> list[PartialRecord]:
+        rows = self._execute(f"SELECT {PARTIAL_COLUMNS} FROM partials WHERE expires <= ? ORDER BY expires LIMIT ?",
+                             (now, limit))
+        return [_partial(row) for row in rows]
+
+    def partial_ids(self) -> set[str]:
+        return {row[0] for row in self._execute("SELECT id FROM partials")}
+
+
+def _partial(row: tuple) -> PartialRecord:
+    return PartialRecord(*row[:11], completed=bool(row[11]))
 
 
 def _file_row(r: FileRecord) -> tuple:

@@ -8,6 +8,8 @@ between batches so requests never wait long for the database:
 - temp files of uploads abandoned longer than `readtimeout` (a crashed writer; the
   watchdog cuts stalled clients before that);
 - upload-log rows older than a day (the per-day quota window);
+- resumable uploads past `resumableexpiry` (unfinished ones with their bytes, finished ones'
+  records), and partial files a crash left without a record;
 - blob reference counts reconciled with the rows that reference them (a crash between a
   count and its row), and blob files that no row references.
 Each run's counts go to the metrics and, when non-zero, to the log.
@@ -26,6 +28,7 @@ from ..storage.blobs import is_blob_file
 if TYPE_CHECKING:
     from ..catalog import Catalog
     from ..meta.sqlite import SqliteMeta
+    from ..resumable import ResumableUploads
     from ..storage.blobs import BlobStore
     from ..storage.local import LocalStore
 
@@ -45,18 +48,20 @@ class JanitorRun:
     orphans: int = 0
     blobs_removed: int = 0
     refs_fixed: int = 0
+    partials: int = 0
     errors: list[str] = field(default_factory=list)
 
     def any(self) -> bool:
         return bool(self.expired or self.temp_files or self.orphans or self.blobs_removed or self.refs_fixed
-                    or self.errors)
+                    or self.partials or self.errors)
 
 
 class Janitor:
     """Periodic clean-up of one store."""
 
     def __init__(self, store: LocalStore, meta: SqliteMeta, catalog: Catalog, blobs: Optional[BlobStore],
-                 interval: float, stale_temp_after: float, metrics=None) -> None:
+                 interval: float, stale_temp_after: float, metrics=None, resumable: Optional[ResumableUploads] = None
+                 ) -> None:
         self.store = store
         self.meta = meta
         self.catalog = catalog
@@ -64,6 +69,7 @@ class Janitor:
         self.interval = interval
         self.stale_temp_after = stale_temp_after
         self.metrics = metrics
+        self.resumable = resumable
         self.last_run: Optional[JanitorRun] = None
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -100,16 +106,19 @@ class Janitor:
         self._sweep_temp(now, run)
         self._sweep_orphans(now, run)
         self.meta.prune_upload_log(now - DAY)
+        if self.resumable is not None:
+            run.partials = self.resumable.sweep(now)
         if self.blobs is not None:
             self._reconcile_blobs(run)
         self.last_run = run
         if self.metrics is not None:
             self.metrics.janitor_runs.inc()
             self.metrics.expired_removed.inc(run.expired)
+            self.metrics.resumable_removed.inc(run.partials)
         if run.any():
             log.info("janitor: removed %d expired file(s), %d stale temp file(s), %d orphan(s), %d unreferenced "
-                     "blob(s); fixed %d blob count(s)", run.expired, run.temp_files, run.orphans, run.blobs_removed,
-                     run.refs_fixed)
+                     "blob(s), %d expired resumable upload(s); fixed %d blob count(s)", run.expired, run.temp_files,
+                     run.orphans, run.blobs_removed, run.partials, run.refs_fixed)
         return run
 
     def _expire(self, now: float, run: JanitorRun) -> None:

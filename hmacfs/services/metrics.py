@@ -200,6 +200,14 @@ class ServerMetrics:
                                              "Expired files removed (by the janitor or at a GET)."))
         self.tampered = r.add(Counter("hmacfs_encrypted_reads_failed_total",
                                       "Encrypted downloads cut because a segment failed authentication."))
+        self.resumable_created = r.add(Counter("hmacfs_resumable_uploads_created_total",
+                                               "Resumable uploads created (tus, ietf).", ("protocol",)))
+        self.resumable_completed = r.add(Counter("hmacfs_resumable_uploads_completed_total",
+                                                 "Resumable uploads committed (tus, ietf).", ("protocol",)))
+        self.resumable_takeovers = r.add(Counter("hmacfs_resumable_takeovers_total",
+                                                 "Requests that took an upload over from a stale one."))
+        self.resumable_removed = r.add(Counter("hmacfs_resumable_uploads_expired_total",
+                                               "Unfinished resumable uploads removed on expiry."))
 
     def watch_storage(self, app) -> None:
         """Gauges of the store and the metadata (no uploader in any label), read at most every

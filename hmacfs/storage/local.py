@@ -99,9 +99,13 @@ class LocalStore:
 
     def new_temp(self) -> tuple[BinaryIO, str]:
         """A new private temp file (opened for writing, unbuffered) and its path."""
-        path = os.path.join(self.tmp_dir, f"up-{secrets.token_hex(16)}")
+        path = self.temp_name()
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, 0o644)
         return os.fdopen(fd, "wb", buffering=0), path
+
+    def temp_name(self) -> str:
+        """A fresh name in the temp directory (for a hard link; the start-up sweep takes leftovers)."""
+        return os.path.join(self.tmp_dir, f"up-{secrets.token_hex(16)}")
 
     def publish(self, temp_path: str, signed_path: str) -> None:
         """Link the fsync'd temp file at `signed_path` (durably); PathConflict if the name is taken,
