@@ -72,8 +72,8 @@ class App:
         self.metrics = metrics or ServerMetrics()
         self.metrics.watch_storage(self)
         uploads = config.uploads
-        self.resumable = (ResumableUploads(PartialFiles(os.path.join(self.store.internal, "partials")), self.meta,
-                                           self.pipeline, self.store, uploads.resumableexpiry,
+        partials = PartialFiles(os.path.join(self.store.internal, "partials"), self.keyring)
+        self.resumable = (ResumableUploads(partials, self.meta, self.pipeline, self.store, uploads.resumableexpiry,
                                            Writers(on_takeover=self.metrics.resumable_takeovers.inc))
                           if uploads.resumableuploadsenabled else None)
         self.janitor = Janitor(self.store, self.meta, self.catalog, self.blobs, config.server.cleanupinterval,
@@ -138,6 +138,8 @@ class App:
         if config.encryption.enabled and self.keyring is not None and config.encryption == self.config.encryption:
             try:  # a rotated keyfile: new uploads under its first key, every key readable
                 self.keyring = self.pipeline.keyring = load_keyring(config)
+                if self.resumable is not None:
+                    self.resumable.files.keyring = self.keyring
             except StartupError as e:
                 log.error("config reload: keeping the current keys: %s", e)
         changed = [s for s in config.sections if s != "security" and

@@ -366,9 +366,8 @@ def remove_version_bytes(store: LocalStore, blobs: Optional[BlobStore], version:
 HASH_BLOCK = 1024 * 1024
 
 
-def digest_fd(fd: int, size: int):
-    """The sha256 object over an open file's first `size` bytes (pread: the fd's offset is left
-    alone); fewer bytes when the file is shorter."""
+def hash_fd(fd: int, size: int) -> str:
+    """sha256 of an open file's first `size` bytes (pread: the fd's offset is left alone)."""
     digest = hashlib.sha256()
     offset = 0
     while offset < size:
@@ -377,12 +376,7 @@ def digest_fd(fd: int, size: int):
             break
         digest.update(block)
         offset += len(block)
-    return digest
-
-
-def hash_fd(fd: int, size: int) -> str:
-    """Hex sha256 of an open file's first `size` bytes."""
-    return digest_fd(fd, size).hexdigest()
+    return digest.hexdigest()
 
 
 def record_for_file(meta: MetaStore, signed_path: str, record: Optional[FileRecord], fd: int,

@@ -19,7 +19,7 @@ headers and status codes and this module owns the mechanism:
 from __future__ import annotations
 
 import errno
-import io
+import hashlib
 import logging
 import os
 import socket
@@ -32,9 +32,9 @@ from .errors import HTTPError, storage_full
 from .http.uploadheaders import new_hash
 from .meta import FileRecord, MetaStore
 from .meta.record import PartialRecord
-from .pipeline import SPACE_CHECK_BYTES, BodySource, Received, Upload, UploadPipeline, digest_fd
+from .pipeline import SPACE_CHECK_BYTES, BodySource, Received, Upload, UploadPipeline
 from .storage.local import LocalStore
-from .storage.partials import UPLOAD_ID, PartialFiles, new_upload_id
+from .storage.partials import UPLOAD_ID, PartialCorrupt, PartialFiles, new_upload_id
 
 log = logging.getLogger("hmacfs")
 TAKEOVER_WAIT = 30.0   # seconds a request waits for the upload's current writer to stop
@@ -108,15 +108,23 @@ class Writers:
             self._entries.pop(upload_id, None)
 
 
-class _FileBody:
-    """A partial file read back as a body (to encrypt it on commit)."""
+class _BlocksBody:
+    """A partial upload's plaintext read back as a body (to encrypt it on commit)."""
 
-    def __init__(self, fd: int) -> None:
-        self.f = io.FileIO(fd, "rb", closefd=False)
+    def __init__(self, blocks: Iterator[bytes]) -> None:
+        self.blocks = blocks
+        self.pending = memoryview(b"")
         self.received = 0
 
     def readinto(self, buf: memoryview) -> int:
-        n = self.f.readinto(buf) or 0
+        while not self.pending:
+            block = next(self.blocks, None)
+            if block is None:
+                return 0
+            self.pending = memoryview(block)
+        n = min(len(buf), len(self.pending))
+        buf[:n] = self.pending[:n]
+        self.pending = self.pending[n:]
         self.received += n
         return n
 
@@ -192,8 +200,7 @@ class ResumableUploads:
         digest = self._digest(record.id, attachment, start)
         saved = digest.copy() if checksum is not None else None
         check = new_hash(checksum[0]) if checksum is not None else None
-        written = start
-        fd = self.files.open_at(record.id, start)
+        writer = self.files.open_at(record.id, start)
         try:
             try:
                 next_check = start + SPACE_CHECK_BYTES
@@ -201,36 +208,36 @@ class ResumableUploads:
                     n = body.readinto(buf)
                     if not n:
                         break
-                    if written + n > record.length:
+                    if writer.offset + n > record.length:
                         raise HTTPError(413, f"the upload is {record.length} bytes; this append goes beyond")
                     chunk = buf[:n]
-                    _write_all(fd, chunk)
+                    writer.write(chunk)
                     digest.update(chunk)
                     if check is not None:
                         check.update(chunk)
-                    written += n
-                    if written >= next_check:
-                        next_check = written + SPACE_CHECK_BYTES
-                        if self.store.free_bytes() - (record.length - written) < reserve:
+                    if writer.offset >= next_check:
+                        next_check = writer.offset + SPACE_CHECK_BYTES
+                        if self.store.free_bytes() - (record.length - writer.offset) < reserve:
                             raise storage_full()
                 if check is not None and checksum is not None and check.digest() != checksum[1]:
                     raise HTTPError(460, f"the {checksum[0]} checksum of the appended bytes does not match")
             except BaseException as e:
+                kept = writer.offset
                 if saved is not None:  # unverifiable or wrong: the chunk goes, the offset stays
-                    written, digest = start, saved
-                os.ftruncate(fd, written)  # nothing past the hashed bytes (a short write, ENOSPC)
-                os.fsync(fd)
-                attachment.digest, attachment.digest_at = digest, written
+                    kept, digest = start, saved
+                writer.cut(kept)  # nothing past the hashed bytes (a short write, ENOSPC)
+                writer.sync()
+                attachment.digest, attachment.digest_at = digest, kept
                 if isinstance(e, OSError) and e.errno in _FULL_ERRNOS:
                     raise storage_full() from None
                 raise
-            os.fsync(fd)
-            attachment.digest, attachment.digest_at = digest, written
+            writer.sync()
+            attachment.digest, attachment.digest_at = digest, writer.offset
         finally:
-            os.close(fd)
-            if written != start:
+            writer.close()
+            if writer.offset != start:
                 self.meta.partial_put(replace(record, expires=now + self.expiry))  # alive: expiry moves on
-        return written
+        return writer.offset
 
     def finish(self, record: PartialRecord, attachment: Attachment, upload: Upload, buf: memoryview,
                now: float, reserve: int = 0) -> FileRecord:
@@ -239,17 +246,13 @@ class ResumableUploads:
         size = self.offset(record)
         if size != record.length:
             raise HTTPError(400, f"the upload has {size} of {record.length} bytes")
-        if self.pipeline.keyring is None:
+        if self.pipeline.keyring is None and not self.files.is_sealed(record.id):
             sha256 = self._digest(record.id, attachment, size).hexdigest()
             temp = self.store.temp_name()
             os.link(self.files.path(record.id), temp)  # the commit consumes the link, never the partial
             received = Received(temp, size, sha256, False)
-        else:
-            fd = self.files.open_read(record.id)
-            try:
-                received = self.pipeline.receive(_FileBody(fd), buf, reserve, size)
-            finally:
-                os.close(fd)
+        else:  # encrypted on the way into the store (and out of a sealed partial)
+            received = self.pipeline.receive(_BlocksBody(self._plaintext(record.id, size)), buf, reserve, size)
         stored = self.pipeline.commit(received, upload)
         self.meta.partial_put(replace(record, completed=True, expires=now + self.expiry))
         self.files.remove(record.id)
@@ -272,6 +275,13 @@ class ResumableUploads:
 
     # -- internals ------------------------------------------------------------------------------
 
+    def _plaintext(self, upload_id: str, upto: int) -> Iterator[bytes]:
+        try:
+            yield from self.files.read(upload_id, upto)
+        except PartialCorrupt as e:
+            log.error("partial upload %s…: %s", upload_id[:8], e)
+            raise HTTPError(500, "the stored part of this upload is damaged or cannot be decrypted") from None
+
     def _drop(self, record: PartialRecord) -> None:
         self.files.remove(record.id)
         self.meta.partial_delete(record.id)
@@ -282,19 +292,11 @@ class ResumableUploads:
         (after a restart, or when another node wrote them)."""
         if attachment.digest is not None and attachment.digest_at == offset:
             return attachment.digest
-        fd = self.files.open_read(upload_id)
-        try:
-            if os.fstat(fd).st_size < offset:
-                raise HTTPError(500, "the partial upload is shorter than its offset")
-            digest = digest_fd(fd, offset)
-        finally:
-            os.close(fd)
+        digest = hashlib.sha256()
+        for block in self._plaintext(upload_id, offset):
+            digest.update(block)
         attachment.digest, attachment.digest_at = digest, offset
         return digest
 
 
-def _write_all(fd: int, data: memoryview) -> None:
-    while data:
-        written = os.write(fd, data)
-        data = data[written:]
 
