@@ -13,8 +13,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import time
-from typing import TYPE_CHECKING, Iterator, Optional
+from functools import partial
+from typing import TYPE_CHECKING, Callable, Generator, Iterator, NamedTuple, Optional
 
 from .. import auth
 from ..digits import parse_decimal
@@ -26,7 +28,7 @@ from ..http.httpmsg import (
     guess_type,
     http_date,
     not_modified,
-    parse_range,
+    parse_ranges,
     range_applies,
     strong_etag,
 )
@@ -42,6 +44,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("hmacfs")
 IMMUTABLE_MAX_AGE = 31536000
 DECRYPT_WAIT = 10.0  # seconds an encrypted download waits for a decryption slot before a 503
+READ_BLOCK = 256 * 1024  # bytes per read of a plain file sent as several ranges (no sendfile between part heads)
 
 
 def expire_if_due(app: App, signed_path: str, record: Optional[FileRecord]) -> None:
@@ -171,22 +174,103 @@ def _serve(app: App, ex: Exchange, signed_path: str, record: FileRecord, st: os.
     content_type = clean_content_type(record.content_type) or guess_type(signed_path)
     if content_type.startswith("text/") and "charset" not in content_type:
         content_type += "; charset=utf-8"
-    filename = signed_path.rsplit("/", 1)[-1]
-    common += [("Content-Type", content_type), ("Content-Disposition", content_disposition(filename, content_type))]
-    span = None
+    spans = None
     if app.config.downloads.resumabledownloadsenabled and range_applies(headers.get("if-range"), etag, mtime):
-        span = parse_range(headers.get("range"), size)
-    status, first, last = 200, 0, size - 1
-    if span is not None:
-        status, (first, last) = 206, span
-        common.append(("Content-Range", f"bytes {first}-{last}/{size}"))
+        spans = parse_ranges(headers.get("range"), size)  # If-Range gates single and multiple ranges alike
+    status, framing, body = _body_for(spans, size, content_type)
+    filename = signed_path.rsplit("/", 1)[-1]
+    common += [*framing, ("Content-Disposition", content_disposition(filename, content_type))]
     if reader is not None:
-        _send_decrypted(app, ex, signed_path, status, common, reader, first, last)
-    elif data is not None:
-        ex.send(status, common, data[first:last + 1] if span is not None else data)
+        _send_decrypted(app, ex, signed_path, status, common, reader, body)
+    elif body.framed:
+        read = partial(_slices, memoryview(data)) if data is not None else partial(_pread_blocks, fd)
+        ex.send_stream(status, common, body.length, body.pieces(read))
     else:
-        assert fd is not None
-        ex.send_file(status, common, fd, first, last - first + 1)
+        first, last = body.spans[0] if body.spans else (0, -1)
+        if data is not None:
+            ex.send(status, common, data[first:last + 1] if status == 206 else data)
+        else:
+            assert fd is not None
+            ex.send_file(status, common, fd, first, last - first + 1)
+
+
+class Body(NamedTuple):
+    """What a GET sends: spans of the file, each after its part head, then a trailer. The whole
+    file or one range is a single span with no framing; several ranges make a multipart body."""
+
+    spans: list[tuple[int, int]]
+    heads: list[bytes]
+    trailer: bytes = b""
+
+    @property
+    def framed(self) -> bool:
+        return bool(self.trailer)
+
+    @property
+    def length(self) -> int:
+        """Known before a byte is read: every response here carries Content-Length."""
+        spanned = sum(last - first + 1 for first, last in self.spans)
+        return sum(map(len, self.heads)) + spanned + len(self.trailer)
+
+    def pieces(self, read: Callable[[int, int], Generator[memoryview, None, None]]) -> Iterator[memoryview]:
+        """The body, span by span from `read(first, last)` (which yields at least one piece). A
+        span's first piece is read before its head is yielded, so a file that fails at its first
+        byte is still a clean error response rather than a cut one."""
+        for head, (first, last) in zip(self.heads, self.spans):
+            data = read(first, last)
+            try:
+                piece = next(data)
+                if head:
+                    yield memoryview(head)
+                yield piece
+                yield from data
+            finally:
+                data.close()  # ends a read in flight (encrypted) before the caller closes the fd
+        if self.trailer:
+            yield memoryview(self.trailer)
+
+
+def single(spans: list[tuple[int, int]]) -> Body:
+    """Zero or one span sent as it is."""
+    return Body(spans, [b""] * len(spans))
+
+
+def multipart(spans: list[tuple[int, int]], size: int, content_type: str, boundary: str) -> Body:
+    """RFC 9110 14.6 framing: `--boundary`, the part's Content-Type and Content-Range, a blank
+    line, the bytes; the CRLF after a part's bytes begins the next delimiter (RFC 2046 5.1.1)."""
+    heads = [(("\r\n" if k else "") + f"--{boundary}\r\nContent-Type: {content_type}\r\n"
+              f"Content-Range: bytes {first}-{last}/{size}\r\n\r\n").encode("latin-1")
+             for k, (first, last) in enumerate(spans)]
+    return Body(spans, heads, f"\r\n--{boundary}--\r\n".encode("latin-1"))
+
+
+def _body_for(spans: Optional[list[tuple[int, int]]], size: int,
+              content_type: str) -> tuple[int, list[tuple[str, str]], Body]:
+    """Status, the headers that describe the body, and the body, for what `parse_ranges` said.
+    The boundary is random (128 bits): an uploader cannot plant it in a file to forge parts."""
+    if spans is None:
+        return 200, [("Content-Type", content_type)], single([(0, size - 1)] if size else [])
+    if len(spans) == 1:
+        first, last = spans[0]
+        return 206, [("Content-Type", content_type), ("Content-Range", f"bytes {first}-{last}/{size}")], single(spans)
+    boundary = secrets.token_hex(16)
+    return (206, [("Content-Type", f"multipart/byteranges; boundary={boundary}")],
+            multipart(spans, size, content_type, boundary))
+
+
+def _slices(view: memoryview, first: int, last: int) -> Generator[memoryview, None, None]:
+    yield view[first:last + 1]
+
+
+def _pread_blocks(fd: int, first: int, last: int) -> Generator[memoryview, None, None]:
+    """Bytes first..last of a plain file in READ_BLOCK reads: memory stays bounded per part."""
+    offset = first
+    while offset <= last:
+        chunk = os.pread(fd, min(READ_BLOCK, last + 1 - offset), offset)
+        if not chunk:
+            raise OSError("file shrank while being sent")
+        yield memoryview(chunk)
+        offset += len(chunk)
 
 
 def _reader(app: App, signed_path: str, record: FileRecord, fd: Optional[int], st: os.stat_result):
@@ -218,12 +302,14 @@ def _reader(app: App, signed_path: str, record: FileRecord, fd: Optional[int], s
 
 
 def _send_decrypted(app: App, ex: Exchange, signed_path: str, status: int, headers: list[tuple[str, str]],
-                    reader, first: int, last: int) -> None:
+                    reader, body: Body) -> None:
+    """Every span of `body` decrypted segment by segment (the next read ahead), one or several
+    ranges alike, while holding one of the bounded decryption slots."""
     from ..storage.encrypted import TamperedError
 
     def pieces() -> Iterator[memoryview]:
         try:
-            yield from reader.iter_range_ahead(first, last) if last >= first else iter(())
+            yield from body.pieces(reader.iter_range_ahead)
         except TamperedError as e:
             app.metrics.tampered.inc()
             log.error("%r failed authentication (%s): %s", signed_path, e,
@@ -237,7 +323,7 @@ def _send_decrypted(app: App, ex: Exchange, signed_path: str, status: int, heade
         raise HTTPError(503, "too many encrypted downloads at once", {"Retry-After": "5"})
     stream = pieces()
     try:
-        ex.send_stream(status, headers, last - first + 1, stream)
+        ex.send_stream(status, headers, body.length, stream)
     finally:
         stream.close()  # waits for a segment read in flight: the caller closes the fd next
         app.decrypt_slots.release()

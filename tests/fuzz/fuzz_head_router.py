@@ -6,11 +6,13 @@ branches of hmacfs' own code (regex matches included: the RegEx and str hooks ar
 
 Pipeline per input, exactly as a connection would run it, minus sockets and the App:
     read_head -> split_target -> signed_path("/upload/")
-    + parse_range(Range) for a few file sizes, clean_content_type(Content-Type),
+    + parse_range and parse_ranges (Range) for a few file sizes, clean_content_type(Content-Type),
     + jwt_decode on a `Bearer` token, as sent and re-signed with the harness key (so the
       JSON inside is parsed: that only happens after the MAC verifies),
     + authorize_upload with the parsed query, path and headers,
-    + the chunked body decoder when the head says `Transfer-Encoding: chunked`.
+    + the chunked body decoder when the head says `Transfer-Encoding: chunked`,
+    + the resumable-upload header parsers (tus Upload-Offset/-Length/-Metadata/-Checksum, the
+      IETF draft's structured-field Upload-Complete/-Incomplete and interop version).
 `HTTPError` (and ConnectionError from a head cut short) is the expected answer; any other
 exception, or a broken invariant (an accepted head with two framings, a signed path with a
 dot segment, a range outside the file...), is a crash: libFuzzer prints the traceback and
@@ -56,7 +58,15 @@ with atheris.instrument_imports(include=["hmacfs"]):
     from hmacfs.errors import HTTPError
     from hmacfs.http.body import ChunkedBody
     from hmacfs.http.head import RequestHead, read_head
-    from hmacfs.http.httpmsg import clean_content_type, parse_range
+    from hmacfs.http.httpmsg import MAX_RANGES, clean_content_type, parse_range, parse_ranges
+    from hmacfs.http.uploadheaders import (
+        ChecksumError,
+        parse_checksum,
+        parse_count,
+        parse_sf_boolean,
+        parse_sf_integer,
+        parse_upload_metadata,
+    )
     from hmacfs.policy.paths import signed_path as to_signed_path
     from hmacfs.policy.paths import split_target
 
@@ -109,6 +119,15 @@ def check_ranges(header: Optional[str], data_len: int) -> None:
         if span is not None:
             first, last = span
             check(0 <= first <= last < size, f"range {span} for size {size}")
+        try:
+            spans = parse_ranges(header, size)
+        except HTTPError as e:
+            check(e.status == 416, f"Range set error {e.status}")
+            continue
+        if spans is not None:  # sorted, disjoint, inside the file, bounded in count and total
+            check(1 <= len(spans) <= MAX_RANGES, f"{len(spans)} ranges")
+            check(all(0 <= a <= b < size for a, b in spans), f"ranges {spans} for size {size}")
+            check(all(spans[i][1] + 1 < spans[i + 1][0] for i in range(len(spans) - 1)), f"overlap in {spans}")
 
 
 def decode_jwt(token: str) -> Optional[dict]:
@@ -158,6 +177,25 @@ def check_chunked(rfile: io.BytesIO) -> None:
         check(e.status in (400, 413), f"chunked error {e.status}")
 
 
+def check_upload_headers(headers: dict[str, str]) -> None:
+    for name in ("upload-offset", "upload-length"):
+        n = parse_count(headers.get(name))
+        check(n is None or 0 <= n < 10 ** 15, f"{name} {n}")
+    version = parse_sf_integer(headers.get("upload-draft-interop-version"))
+    check(version is None or 0 <= version < 10 ** 15, f"interop version {version}")
+    for name in ("upload-complete", "upload-incomplete"):
+        check(parse_sf_boolean(headers.get(name)) in (None, True, False), f"{name} not a boolean")
+    metadata = parse_upload_metadata(headers.get("upload-metadata"))
+    if metadata is not None:
+        check(all(k and k.isascii() and " " not in k and "," not in k for k in metadata), "metadata key")
+        check(all(isinstance(v, bytes) for v in metadata.values()), "metadata value")
+    try:
+        checksum = parse_checksum(headers.get("upload-checksum"))
+    except ChecksumError:
+        checksum = None
+    check(checksum is None or checksum[0] in ("md5", "sha1", "sha256"), f"checksum {checksum}")
+
+
 def TestOneInput(data: bytes) -> None:
     rfile = io.BytesIO(data)
     try:
@@ -183,6 +221,7 @@ def TestOneInput(data: bytes) -> None:
     ctype = clean_content_type(head.headers.get("content-type"))
     check(ctype is None or not any((ord(c) < 0x20 and c != "\t") or c == "\x7f" for c in ctype), "control in type")
     check_bearer(head.headers.get("authorization", ""))
+    check_upload_headers(head.headers)
     if head.chunked:
         check_chunked(rfile)
 
@@ -203,13 +242,25 @@ def seeds() -> list[bytes]:
         b"GET /upload/abc/%C3%A4%20(x).png HTTP/1.1\r\nHost: h\r\nRange: bytes=0-4\r\nIf-Range: \"x\"\r\n\r\n",
         b"GET http://h/upload/abc/file.txt?v3=00&expires=1#f HTTP/1.0\r\nRange: bytes=-5\r\n\r\n",
         b"\r\nHEAD /upload/a/b.txt HTTP/1.1\nHost: h\nExpect: 100-continue\n\n",
+        b"POST /upload/abc/file.txt?v=" + auth.mac_hex(KEY, auth.message_v("abc/file.txt", 5)).encode()
+        + b" HTTP/1.1\r\nHost: h\r\nTus-Resumable: 1.0.0\r\nUpload-Length: 5\r\n"
+        b"Upload-Metadata: filename ZmlsZS50eHQ=,filetype dGV4dC9wbGFpbg==,empty\r\nContent-Length: 0\r\n\r\n",
+        b"PATCH /upload/.uploads/AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA HTTP/1.1\r\nHost: h\r\nTus-Resumable: 1.0.0\r\n"
+        b"Content-Type: application/offset+octet-stream\r\nUpload-Offset: 0\r\n"
+        b"Upload-Checksum: sha1 qvTGHdzF6KLavt4PO0gs2a6pQ00=\r\nContent-Length: 5\r\n\r\nhello",
+        b"PUT /upload/abc/file.txt?v=" + auth.mac_hex(KEY, auth.message_v("abc/file.txt", 5)).encode()
+        + b" HTTP/1.1\r\nHost: h\r\nUpload-Draft-Interop-Version: 6\r\nUpload-Complete: ?1;x=1\r\n"
+        b"Upload-Incomplete: ?0\r\nUpload-Length: 5\r\nContent-Length: 5\r\n\r\nhello",
     ]
 
 
 DICTIONARY = ["HTTP/1.1", "HTTP/1.0", "\r\n", "\r\n\r\n", "Host: ", "Content-Length: ", "Transfer-Encoding: ",
               "chunked", "Range: ", "bytes=", "Authorization: ", "Bearer ", "Content-Type: ", "/upload/", "%2e",
               "%2f", "%5c", "%00", "%c3%a4", "..", "?v=", "?v3=", "&expires=", "&v2=", "&token=", "0x", ";",
-              "eyJ", "eyJhbGciOiJIUzI1NiJ9", "http://", "#", "\t"]
+              "eyJ", "eyJhbGciOiJIUzI1NiJ9", "http://", "#", "\t", "Tus-Resumable: 1.0.0", "Upload-Offset: ",
+              "Upload-Length: ", "Upload-Metadata: ", "Upload-Checksum: ", "sha1 ", "sha256 ", "md5 ", "==",
+              "Upload-Complete: ", "Upload-Incomplete: ", "Upload-Draft-Interop-Version: ", "?0", "?1", ";a=",
+              "application/partial-upload", "application/offset+octet-stream"]
 
 
 def _dict_file(path: Path) -> Path:
