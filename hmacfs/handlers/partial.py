@@ -34,7 +34,11 @@ def create_upload(app: App, ex: Exchange, signed_path: str, length: int, protoco
                   declared_type: Optional[str], metadata: str = "") -> PartialRecord:
     """A new upload resource for a signed slot: the signature is checked against `length` (the
     whole upload's), with the slot's method (PUT) and the type the client declares."""
-    admitted = admit_upload(app, ex, signed_path, length, method="PUT", content_type=declared_type)
+    try:
+        admitted = admit_upload(app, ex, signed_path, length, method="PUT", content_type=declared_type)
+    except HTTPError as err:
+        app.metrics.upload_errors.inc(1, str(err.status))
+        raise
     assert app.resumable is not None
     record = app.resumable.create(signed_path, length, admitted.content_type, protocol, admitted.grant.protocol,
                                   time.time(), admitted.file_expires, admitted.uploader, metadata)

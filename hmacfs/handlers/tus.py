@@ -127,6 +127,8 @@ def handle_resource(app: App, ex: Exchange, upload_id: str, method: str) -> None
     assert app.resumable is not None
     started = time.monotonic()
     with _tus_response([("Cache-Control", "no-store")] if method == "HEAD" else None):
+        if method not in ("HEAD", "PATCH", "DELETE"):
+            raise HTTPError(405, "method not allowed", {"Allow": "OPTIONS, HEAD, PATCH, DELETE"})
         _require_version(ex)
         record = app.resumable.find(upload_id, time.time())
         if method == "HEAD":
@@ -152,5 +154,3 @@ def handle_resource(app: App, ex: Exchange, upload_id: str, method: str) -> None
             with app.resumable.writing(record, ex.sock, time.time()) as (record, _attachment):
                 app.resumable.cancel(record)  # a committed file stays: deleting it needs a signed DELETE
             ex.send(204, [("Tus-Resumable", TUS_VERSION)])
-        else:
-            raise HTTPError(405, "method not allowed", {"Allow": "OPTIONS, HEAD, PATCH, DELETE"})

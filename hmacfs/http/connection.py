@@ -177,8 +177,9 @@ class ConnectionHandler(BaseHTTPRequestHandler):
             else "other"
         metrics.requests.inc(1, method, str(ex.status))
         metrics.request_seconds.observe(elapsed, method)
-        # never the query string: it holds signatures
-        self.server.access_log.record(req.client, req.method, req.raw_path, ex.status, ex.body_bytes, elapsed)
+        # never the query string (it holds signatures), nor a whole upload resource name
+        self.server.access_log.record(req.client, req.method, self.server.router.log_path(req.raw_path), ex.status,
+                                      ex.body_bytes, elapsed)
 
     def log_message(self, format: str, *args: object) -> None:
         log.debug(printable(format % args))

@@ -52,6 +52,14 @@ class Router:
         progress. The prefix must be one no file path can take (a dot segment)."""
         self.resource_routes.append((path_prefix.encode(), handler))
 
+    def log_path(self, raw_path: bytes) -> bytes:
+        """The path as the access log may show it: a resource name is a capability (like a
+        signature, which the log never shows), so only its first 8 characters are kept."""
+        for resource_prefix, _handler in self.resource_routes:
+            if raw_path.startswith(resource_prefix) and len(raw_path) > len(resource_prefix) + 8:
+                return raw_path[:len(resource_prefix) + 8] + b"..."
+        return raw_path
+
     def allowed_file_methods(self) -> str:
         return ", ".join(sorted(self.file_routes))
 
