@@ -529,6 +529,10 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"[versioning] maxversions = {config.versioning.maxversions}: must not be negative")
     if config.encryption.enabled and not config.encryption.keyfile:
         raise ConfigError("[encryption] enabled = true needs keyfile: a file of '<id> <64 hex chars>' lines")
+    if config.uploads.chunksize < 1:
+        raise ConfigError("[uploads] chunksize: the largest PATCH body must be at least 1 byte (e.g. \"32MB\")")
+    if config.uploads.resumableexpiry < 1:
+        raise ConfigError("[uploads] resumableexpiry: at least 1s (e.g. \"24h\")")
     if config.server.cleanupinterval < 1:
         raise ConfigError("[server] cleanupinterval: at least 1s")
     if config.storage.backend not in ("local", "s3"):

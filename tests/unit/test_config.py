@@ -118,6 +118,8 @@ def test_unknown_key_warns_with_suggestion_and_strict_is_fatal(tmp_path: Path) -
     ('[server]\nloglevel = "loud"', "loglevel"),
     ('[server]\ntrustedproxies = ["10.0.0.0/33"]', "trustedproxies"),
     ('[server]\nstoredir = "a"\nstoragepath = "b"', "different value"),
+    ('[uploads]\nchunksize = "0"', "chunksize"),
+    ('[uploads]\nresumableexpiry = "0s"', "resumableexpiry"),
 ])
 def test_bad_values_name_the_key(tmp_path: Path, text: str, fragment: str) -> None:
     with pytest.raises(ConfigError, match=fragment):
