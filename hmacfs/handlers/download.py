@@ -151,6 +151,12 @@ def _iso(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
+def ranges_on(app: App) -> bool:
+    """Range requests (resuming and chunk-by-chunk downloading): off when either seed key says so."""
+    downloads = app.config.downloads
+    return downloads.resumabledownloadsenabled and downloads.chunkeddownloadsenabled
+
+
 def _serve(app: App, ex: Exchange, signed_path: str, record: FileRecord, st: os.stat_result,
            fd: Optional[int] = None, data: Optional[bytes] = None, cache: Optional[str] = None) -> None:
     """Conditionals, Range and headers, then the body from `data` (small files), `fd`, or the
@@ -166,7 +172,7 @@ def _serve(app: App, ex: Exchange, signed_path: str, record: FileRecord, st: os.
         else:
             cache = f"public, max-age={IMMUTABLE_MAX_AGE}, immutable"
     common = [("ETag", etag), ("Last-Modified", http_date(mtime)), ("Cache-Control", cache),
-              ("Accept-Ranges", "bytes" if app.config.downloads.resumabledownloadsenabled else "none")]
+              ("Accept-Ranges", "bytes" if ranges_on(app) else "none")]
     if not_modified(headers.get("if-none-match"), headers.get("if-modified-since"), etag, mtime):
         ex.send(304, common)
         return
@@ -175,7 +181,7 @@ def _serve(app: App, ex: Exchange, signed_path: str, record: FileRecord, st: os.
     if content_type.startswith("text/") and "charset" not in content_type:
         content_type += "; charset=utf-8"
     spans = None
-    if app.config.downloads.resumabledownloadsenabled and range_applies(headers.get("if-range"), etag, mtime):
+    if ranges_on(app) and range_applies(headers.get("if-range"), etag, mtime):
         spans = parse_ranges(headers.get("range"), size)  # If-Range gates single and multiple ranges alike
     status, framing, body = _body_for(spans, size, content_type)
     filename = signed_path.rsplit("/", 1)[-1]

@@ -208,9 +208,10 @@ def handle_resource(app: App, ex: Exchange, upload_id: str, version: int, method
     headers = ex.req.headers
     about: list[tuple[str, str]] = [("Upload-Draft-Interop-Version", str(version))]
     with _draft_errors(ex, version, about):
+        record = app.resumable.find(upload_id, time.time())
+        about.append(("Upload-Offset", str(app.resumable.offset(record))))
         if method in ("HEAD", "DELETE") and any(h in headers for h in UPLOAD_HEADERS):
             raise HTTPError(400, f"{method} on an upload carries no Upload-Offset or completeness header")
-        record = app.resumable.find(upload_id, time.time())
         if method == "HEAD":
             with app.resumable.writing(record, ex.sock, time.time()) as (record, _attachment):
                 offset = app.resumable.offset(record)
