@@ -111,10 +111,13 @@ def _declared_type(headers: dict[str, str], metadata: dict[str, bytes]) -> Optio
 
 
 def wants_resumption(ex: Exchange, version: int) -> bool:
-    """A PUT with the interop header becomes resumable only when it says whether it is complete
-    and its total length can be known (a chunked body with no Upload-Length stays a PUT)."""
+    """A PUT with the interop header becomes resumable only when it says (validly) whether it is
+    complete and its total length can be known (a chunked body with no Upload-Length stays a PUT)."""
     headers = ex.req.headers
-    complete = complete_marker(headers, version)
+    try:
+        complete = complete_marker(headers, version)
+    except HTTPError:  # an invalid field is ignored (the draft): without it, an ordinary PUT
+        return False
     if complete is None:
         return False
     return not (complete and ex.req.chunked and "upload-length" not in headers)

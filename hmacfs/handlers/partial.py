@@ -63,8 +63,8 @@ def append_body(app: App, ex: Exchange, record: PartialRecord, attachment: Attac
     if size is not None and size > remaining:
         raise HTTPError(413, f"{size} more bytes would pass the upload's length of {record.length}")
     limit = min(remaining, per_request) if per_request is not None else remaining
-    body: Union[LengthBody, ChunkedBody] = (ChunkedBody(req.rfile, limit) if req.chunked
-                                            else LengthBody(req.rfile, size or 0))
+    body: Union[LengthBody, ChunkedBody] = (ChunkedBody(req.rfile, limit, keep_partial=True) if req.chunked
+                                            else LengthBody(req.rfile, size or 0, keep_partial=True))
     assert app.resumable is not None
     with app.gate.slot(size) as buf:
         ex.send_continue()

@@ -26,11 +26,19 @@ class BodyTruncated(HTTPError):
         super().__init__(400, f"body ended early after {got} of {expected} bytes")
 
 
+def _reader(rfile: BinaryIO, keep_partial: bool):
+    """`readinto`, or with `keep_partial` one read at a time (`readinto1`): a buffered
+    `readinto` fills the whole buffer, and when the connection then fails (a reset) the bytes
+    it had already copied are lost with the exception. A resumable upload must keep them."""
+    return getattr(rfile, "readinto1", rfile.readinto) if keep_partial else rfile.readinto
+
+
 class LengthBody:
     """Exactly `length` bytes from `rfile`."""
 
-    def __init__(self, rfile: BinaryIO, length: int) -> None:
+    def __init__(self, rfile: BinaryIO, length: int, keep_partial: bool = False) -> None:
         self.rfile = rfile
+        self._readinto = _reader(rfile, keep_partial)
         self.remaining = length
         self.length = length
         self.received = 0
@@ -40,7 +48,7 @@ class LengthBody:
             return 0
         view = buf[:min(len(buf), self.remaining)]
         try:
-            n = self.rfile.readinto(view)
+            n = self._readinto(view)
         except OSError as e:  # timeouts and resets (socket.timeout is not TimeoutError before 3.10)
             raise BodyTruncated(self.received, str(self.length)) from e
         if not n:
@@ -57,8 +65,9 @@ class LengthBody:
 class ChunkedBody:
     """A chunked body, decoded; at most `limit` decoded bytes (413 beyond)."""
 
-    def __init__(self, rfile: BinaryIO, limit: int) -> None:
+    def __init__(self, rfile: BinaryIO, limit: int, keep_partial: bool = False) -> None:
         self.rfile = rfile
+        self._readinto = _reader(rfile, keep_partial)
         self.limit = limit
         self.chunk_left = 0
         self.received = 0
@@ -101,7 +110,7 @@ class ChunkedBody:
                 return 0
         view = buf[:min(len(buf), self.chunk_left)]
         try:
-            n = self.rfile.readinto(view)
+            n = self._readinto(view)
         except OSError as e:  # timeouts and resets (socket.timeout is not TimeoutError before 3.10)
             raise BodyTruncated(self.received, "chunked") from e
         if not n:
