@@ -26,7 +26,7 @@ from ..http.httpmsg import strong_etag
 from ..http.uploadheaders import is_media_type, metadata_text, parse_sf_boolean, parse_sf_integer, parse_upload_metadata
 from ..meta import FileRecord
 from ..meta.record import PartialRecord
-from .partial import append_body, create_upload, finish_upload, resource_path
+from .partial import append_body, create_upload, current_offset, finish_upload, resource_path
 from .upload import file_location
 
 if TYPE_CHECKING:
@@ -216,9 +216,9 @@ def handle_resource(app: App, ex: Exchange, upload_id: str, version: int, method
         if method in ("HEAD", "DELETE") and any(h in headers for h in UPLOAD_HEADERS):
             raise HTTPError(400, f"{method} on an upload carries no Upload-Offset or completeness header")
         if method == "HEAD":
-            with app.resumable.writing(record, ex.sock, time.time()) as (record, _attachment):
-                offset = app.resumable.offset(record)
-            ex.send(204, [*_about(app, version, offset, record.completed), ("Upload-Length", str(record.length)),
+            with app.resumable.writing(record, ex.sock, time.time()) as (record, attachment):
+                offset, finished = current_offset(app, record, attachment, started)
+            ex.send(204, [*_about(app, version, offset, finished), ("Upload-Length", str(record.length)),
                           ("Upload-Limit", upload_limit(app, version)), ("Cache-Control", "no-store")])
         elif method == "PATCH":
             if version >= 6 and not is_media_type(headers.get("content-type"), PARTIAL_UPLOAD):

@@ -92,3 +92,15 @@ def finish_upload(app: App, record: PartialRecord, attachment: Attachment, start
     count_upload(app, record.grant, stored.size, started)
     app.metrics.resumable_completed.inc(1, record.protocol)
     return stored
+
+
+def current_offset(app: App, record: PartialRecord, attachment: Attachment, started: float) -> tuple[int, bool]:
+    """(offset, finished) for HEAD. An upload whose bytes are all there but whose commit failed
+    (a file took the path, a quota) is committed again first: its HEAD must not look like a
+    finished upload's, so the client sees the commit's error instead of a success."""
+    assert app.resumable is not None
+    offset = app.resumable.offset(record)
+    if offset == record.length and not record.completed:
+        finish_upload(app, record, attachment, started)
+    return offset, offset == record.length
+

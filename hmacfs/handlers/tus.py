@@ -26,7 +26,7 @@ from ..http.uploadheaders import (
     parse_upload_metadata,
 )
 from ..meta.record import PartialRecord
-from .partial import append_body, create_upload, finish_upload, resource_path
+from .partial import append_body, create_upload, current_offset, finish_upload, resource_path
 
 if TYPE_CHECKING:
     from ..app import App
@@ -116,7 +116,11 @@ def _write(app: App, ex: Exchange, record: PartialRecord, offset: int, checksum:
         if offset != current:
             raise HTTPError(409, f"Upload-Offset is {offset}, the upload has {current} bytes",
                             {"Upload-Offset": str(current)})
-        offset = append_body(app, ex, record, attachment, current, checksum, app.config.uploads.chunksize)
+        try:
+            offset = append_body(app, ex, record, attachment, current, checksum, app.config.uploads.chunksize)
+        except HTTPError as err:  # e.g. a chunked body past chunksize: what it kept still counts
+            err.headers.setdefault("Upload-Offset", str(app.resumable.offset(record)))
+            raise
         if offset == record.length and not record.completed:
             finish_upload(app, record, attachment, started)
     return offset
@@ -132,13 +136,13 @@ def handle_resource(app: App, ex: Exchange, upload_id: str, method: str) -> None
         _require_version(ex)
         record = app.resumable.find(upload_id, time.time())
         if method == "HEAD":
-            with app.resumable.writing(record, ex.sock, time.time()) as (record, _attachment):
-                offset = app.resumable.offset(record)
+            with app.resumable.writing(record, ex.sock, time.time()) as (record, attachment):
+                offset, finished = current_offset(app, record, attachment, started)
             headers = [("Tus-Resumable", TUS_VERSION), ("Upload-Offset", str(offset)),
                        ("Upload-Length", str(record.length)), ("Cache-Control", "no-store")]
             if record.metadata:
                 headers.append(("Upload-Metadata", record.metadata))
-            if not record.completed:
+            if not finished:
                 headers.append(("Upload-Expires", http_date(record.expires)))
             ex.send(200, headers)
         elif method == "PATCH":
