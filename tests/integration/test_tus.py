@@ -11,7 +11,7 @@ Covered, each over HTTP as a client sees it and on the disk as an operator sees 
 - the raw protocol: discovery (also for CORS), every refusal's status and headers,
   creation-with-upload, X-HTTP-Method-Override, unguessable resource URLs;
 - a commit that fails (the slot was filled meanwhile) keeps the upload for a retry, and
-  a resumed client is not told it finished: HEAD retries the commit and answers its error);
+  a resumed client is not told it finished: HEAD retries the commit and answers its error;
 - broken connections: a PATCH cut off midway keeps every byte that arrived, and a new
   request takes over at once from one stalled on a dead connection;
 - every signature protocol as a creation credential (v, v2/token with the declared type,
