@@ -8,8 +8,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Real peers the tests start on loopback (see tests/xmpp, tests/browser, bench/).
-APT_PACKAGES=(python3 python3-venv prosody prosody-modules ejabberd chromium chromium-driver nginx haproxy openssl curl wrk)
+# Real peers the tests start on loopback (see tests/xmpp, tests/browser, tests/js, bench/).
+# npm is not listed: Debian ships it apart from nodejs, but NodeSource's nodejs bundles it and
+# conflicts with Debian's npm package, so npm is installed below only if the command is missing.
+APT_PACKAGES=(python3 python3-venv prosody prosody-modules ejabberd chromium chromium-driver nginx haproxy openssl curl wrk
+              nodejs)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
@@ -30,6 +33,21 @@ if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; th
     "$PY" -m venv .venv
     .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements-test.txt
     echo "$want" > "$stamp"
+fi
+
+# The JavaScript clients the tests drive (tests/js: tus-js-client), exactly as package-lock.json pins them.
+if ! command -v npm >/dev/null; then
+    echo "== installing Debian package: npm"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends npm
+fi
+js_stamp=tests/js/node_modules/.hmacfs-lock.sha256
+js_want=$(sha256sum tests/js/package-lock.json | cut -d' ' -f1)
+if [ "$(cat "$js_stamp" 2>/dev/null)" != "$js_want" ]; then
+    echo "== installing tests/js packages (npm ci)"
+    (cd tests/js && npm ci --no-audit --no-fund --loglevel=error)
+    echo "$js_want" > "$js_stamp"
 fi
 
 echo "== ruff"

@@ -33,9 +33,11 @@ def resource_path(app: App, upload_id: str) -> str:
 def create_upload(app: App, ex: Exchange, signed_path: str, length: int, protocol: str,
                   declared_type: Optional[str], metadata: str = "") -> PartialRecord:
     """A new upload resource for a signed slot: the signature is checked against `length` (the
-    whole upload's), with the slot's method (PUT) and the type the client declares."""
+    whole upload's), with the slot's method (PUT) and the type the client declares. Never the
+    request's own Content-Type when nothing is declared: on a creation it only frames the first
+    bytes (application/offset+octet-stream, application/partial-upload)."""
     try:
-        admitted = admit_upload(app, ex, signed_path, length, method="PUT", content_type=declared_type)
+        admitted = admit_upload(app, ex, signed_path, length, method="PUT", content_type=declared_type or "")
     except HTTPError as err:
         app.metrics.upload_errors.inc(1, str(err.status))
         raise
