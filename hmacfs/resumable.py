@@ -159,15 +159,19 @@ class ResumableUploads:
             raise
         return record
 
-    def find(self, upload_id: str, now: float) -> PartialRecord:
-        """The upload behind a resource id: 404 when unknown, 410 (and removed) when expired."""
+    def find(self, upload_id: str, now: float, held: bool = False) -> PartialRecord:
+        """The upload behind a resource id: 404 when unknown, 410 (and removed) when expired.
+        An upload another request is writing is alive whatever its row says (the writer moves
+        its expiry on when it is done): only its holder (`held`) or the sweep removes it."""
         record = self.meta.partial_get(upload_id) if UPLOAD_ID.fullmatch(upload_id) else None
         if record is None:
             raise HTTPError(404, "no such upload")
+        if not held and self.writers.busy(upload_id):
+            return record
         if record.expires <= now:
             self._drop(record)
             raise HTTPError(410, "this upload has expired")
-        if not record.completed and self.files.size(upload_id) is None:
+        if not record.completed and self._size(upload_id) is None:
             self._drop(record)  # its bytes are gone (removed by hand): nothing to resume
             raise HTTPError(404, "no such upload")
         return record
@@ -175,10 +179,16 @@ class ResumableUploads:
     def offset(self, record: PartialRecord) -> int:
         if record.completed:
             return record.length
-        size = self.files.size(record.id)
+        size = self._size(record.id)
         if size is None:
             raise HTTPError(404, "no such upload")
         return size
+
+    def _size(self, upload_id: str) -> Optional[int]:
+        try:
+            return self.files.size(upload_id)
+        except PartialCorrupt as e:
+            raise self._damaged(upload_id, e) from None
 
     @contextmanager
     def writing(self, record: PartialRecord, sock: Optional[socket.socket], now: float
@@ -186,7 +196,7 @@ class ResumableUploads:
         """Exclusive use of the upload (taking over from a stale request); yields its record as
         it is once the turn came (it may have completed, or gone, meanwhile)."""
         with self.writers.hold(record.id, sock) as attachment:
-            yield self.find(record.id, now), attachment
+            yield self.find(record.id, now, held=True), attachment
 
     def append(self, record: PartialRecord, attachment: Attachment, body: BodySource, buf: memoryview,
                now: float, checksum: Optional[tuple[str, bytes]] = None, reserve: int = 0) -> int:
@@ -196,11 +206,16 @@ class ResumableUploads:
         broke, or a newcomer took over) — unless a checksum was given: then the chunk can
         only be kept whole and verified, so a mismatch (460) or a cut discards it. More bytes
         than the upload's length: 413. Free space is checked as it grows (507)."""
+        if record.completed:
+            raise HTTPError(400, "this upload is already complete")
         start = self.offset(record)
         digest = self._digest(record.id, attachment, start)
         saved = digest.copy() if checksum is not None else None
         check = new_hash(checksum[0]) if checksum is not None else None
-        writer = self.files.open_at(record.id, start)
+        try:
+            writer = self.files.open_at(record.id, start)
+        except PartialCorrupt as e:
+            raise self._damaged(record.id, e) from None
         try:
             try:
                 next_check = start + SPACE_CHECK_BYTES
@@ -236,7 +251,7 @@ class ResumableUploads:
         finally:
             writer.close()
             if writer.offset != start:
-                self.meta.partial_put(replace(record, expires=now + self.expiry))  # alive: expiry moves on
+                self.meta.partial_touch(record.id, now + self.expiry)  # alive: expiry moves on (if still there)
         return writer.offset
 
     def finish(self, record: PartialRecord, attachment: Attachment, upload: Upload, buf: memoryview,
@@ -279,8 +294,12 @@ class ResumableUploads:
         try:
             yield from self.files.read(upload_id, upto)
         except PartialCorrupt as e:
-            log.error("partial upload %s…: %s", upload_id[:8], e)
-            raise HTTPError(500, "the stored part of this upload is damaged or cannot be decrypted") from None
+            raise self._damaged(upload_id, e) from None
+
+    @staticmethod
+    def _damaged(upload_id: str, error: PartialCorrupt) -> HTTPError:
+        log.error("partial upload %s…: %s", upload_id[:8], error)
+        return HTTPError(500, "the stored part of this upload is damaged or cannot be decrypted")
 
     def _drop(self, record: PartialRecord) -> None:
         self.files.remove(record.id)

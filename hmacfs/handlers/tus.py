@@ -116,6 +116,10 @@ def _write(app: App, ex: Exchange, record: PartialRecord, offset: int, checksum:
         if offset != current:
             raise HTTPError(409, f"Upload-Offset is {offset}, the upload has {current} bytes",
                             {"Upload-Offset": str(current)})
+        if record.completed:
+            if ex.req.chunked or ex.req.content_length:
+                raise HTTPError(400, "this upload is already complete", {"Upload-Offset": str(current)})
+            return current
         try:
             offset = append_body(app, ex, record, attachment, current, checksum, app.config.uploads.chunksize)
         except HTTPError as err:  # e.g. a chunked body past chunksize: what it kept still counts

@@ -22,7 +22,8 @@ _DIGEST_SIZES = {"md5": 16, "sha1": 20, "sha256": 32}
 _OWS = " \t"
 # RFC 8941 parameters after an item: ;key[=value], values kept simple (token, integer, boolean, string)
 _SF_PARAMS = re.compile(r'(?:[ \t]*;[ \t]*[a-z*][a-z0-9_.*-]*(?:=(?:\?[01]|-?[0-9]{1,15}(?:\.[0-9]{1,3})?|'
-                        r'"[\x20\x21\x23-\x5b\x5d-\x7e]*"|[A-Za-z*][!#$%&\'*+.^_`|~:/0-9A-Za-z-]*))?)*')
+                        r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\["\\])*"|:[A-Za-z0-9+/=]*:|'
+                        r'[A-Za-z*][!#$%&\'*+.^_`|~:/0-9A-Za-z-]*))?)*')
 _METADATA_KEY = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}")  # ASCII, no space or comma
 MAX_METADATA_PAIRS = 64
 

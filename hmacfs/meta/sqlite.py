@@ -410,6 +410,10 @@ class SqliteMeta:
                        record.expires, record.file_expires, record.uploader, record.metadata, record.grant,
                        int(record.completed)))
 
+    def partial_touch(self, upload_id: str, expires: float) -> None:
+        """Move an upload's expiry on (no row is made if it was removed meanwhile)."""
+        self._execute("UPDATE partials SET expires = ? WHERE id = ?", (expires, upload_id))
+
     def partial_get(self, upload_id: str) -> Optional[PartialRecord]:
         rows = self._execute(f"SELECT {PARTIAL_COLUMNS} FROM partials WHERE id = ?", (upload_id,))
         return _partial(rows[0]) if rows else None

@@ -45,6 +45,7 @@ RECORD_HEAD = struct.Struct(">I")
 NONCE_SIZE = 12
 TAG_SIZE = 16
 READ_BLOCK = 1 << 20
+RECORD_BYTES = 1 << 20  # plaintext gathered into one sealed record at most
 
 
 class PartialCorrupt(Exception):
@@ -63,38 +64,58 @@ def _write_all(fd: int, data: memoryview) -> None:
 
 
 class PartialWriter:
-    """Appends to one partial file from its current offset; `cut` takes appended bytes back."""
+    """Appends to one partial file from its current offset; `cut` takes this writer's bytes back.
+
+    Sealed files gather small reads into records of up to RECORD_BYTES (a body read in tiny
+    pieces must not cost 32 bytes of framing per piece); `sync` seals what is gathered first,
+    so bytes that arrived are kept whatever ends the request."""
 
     def __init__(self, fd: int, offset: int, position: int, header: Optional[bytes] = None,
                  keyring: Optional[Keyring] = None) -> None:
         self.fd = fd
-        self.offset = offset
-        self._positions = {offset: position}  # plaintext offset -> file position, at each append
+        self.offset = offset                      # plaintext bytes, gathered ones included
+        self.start, self._start_position = offset, position
         self._header = header
         self._cipher = None
+        self._sealed_offset = offset              # plaintext bytes already in records
+        self._pending = bytearray()
         if header is not None:
             assert keyring is not None
             self._cipher = keyring.cipher(_key_id(header))
 
     def write(self, chunk: memoryview) -> None:
-        if self._cipher is None or self._header is None:
+        if self._cipher is None:
             _write_all(self.fd, chunk)
         else:
-            n = len(chunk)
-            nonce = os.urandom(NONCE_SIZE)
-            sealed = self._cipher.encrypt(nonce, chunk, self._header + struct.pack(">QI", self.offset, n))
-            _write_all(self.fd, memoryview(RECORD_HEAD.pack(n) + nonce + sealed))
+            self._pending += chunk
+            if len(self._pending) >= RECORD_BYTES:
+                self._seal()
         self.offset += len(chunk)
-        self._positions[self.offset] = os.lseek(self.fd, 0, os.SEEK_CUR)
+
+    def _seal(self) -> None:
+        if not self._pending or self._cipher is None or self._header is None:
+            return
+        n = len(self._pending)
+        nonce = os.urandom(NONCE_SIZE)
+        sealed = self._cipher.encrypt(nonce, self._pending, self._header + struct.pack(">QI", self._sealed_offset, n))
+        _write_all(self.fd, memoryview(RECORD_HEAD.pack(n) + nonce + sealed))
+        self._sealed_offset += n
+        self._pending = bytearray()
 
     def cut(self, offset: int) -> None:
-        """Back to `offset` (one this writer passed): what was appended after it goes."""
-        position = self._positions[offset]
-        os.ftruncate(self.fd, position)
-        os.lseek(self.fd, position, os.SEEK_SET)
-        self.offset = offset
+        """Back to the offset this writer started at, or keep everything up to now."""
+        if offset == self.offset:
+            self._seal()
+            return
+        if offset != self.start:
+            raise ValueError("a writer can only go back to where it started")
+        self._pending = bytearray()
+        os.ftruncate(self.fd, self._start_position)
+        os.lseek(self.fd, self._start_position, os.SEEK_SET)
+        self.offset = self._sealed_offset = offset
 
     def sync(self) -> None:
+        self._seal()
         os.fsync(self.fd)
 
     def close(self) -> None:
