@@ -24,6 +24,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator, Optional
@@ -38,6 +39,8 @@ from .storage.partials import UPLOAD_ID, PartialCorrupt, PartialFiles, new_uploa
 
 log = logging.getLogger("hmacfs")
 TAKEOVER_WAIT = 30.0   # seconds a request waits for the upload's current writer to stop
+STALE_AFTER = 1.0      # a holder whose body has sent nothing for this long is taken over
+TAKEOVER_POLL = 0.1
 ORPHAN_AGE = 3600.0    # a partial file without a row this old is a crash's leftover
 _FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
@@ -58,16 +61,24 @@ class OffsetMismatch(HTTPError):
 
 @dataclass
 class Attachment:
-    """In-memory state of one upload: its writer lock, the connection holding it, the hash so far."""
+    """In-memory state of one upload: its writer lock, the request holding it, the hash so far."""
 
     lock: threading.Lock = field(default_factory=threading.Lock)
     sock: Optional[socket.socket] = None
+    reading: bool = False  # the holder is reading a request body (what a dead connection blocks)
+    progress: float = 0.0  # when the holder last received body bytes (time.monotonic)
     digest: Any = None  # hashlib sha256 over bytes [0, digest_at)
     digest_at: int = -1
 
 
 class Writers:
-    """One request at a time per upload; a newcomer cuts a stale holder's connection."""
+    """One request at a time per upload; a newcomer cuts a stale holder's connection.
+
+    Stale means reading a body that has stopped arriving (STALE_AFTER without a byte): the
+    phone that moved networks. A holder still receiving bytes, committing or answering is
+    waited for instead, so a request that sat unread in a connection's buffer while its
+    client moved on cannot cut the request that resumed (it waits its turn, then finds the
+    offset has moved: 409)."""
 
     def __init__(self, wait: float = TAKEOVER_WAIT, on_takeover: Optional[Callable[[], None]] = None) -> None:
         self.wait = wait
@@ -80,8 +91,22 @@ class Writers:
         with self._guard:
             entry = self._entries.setdefault(upload_id, Attachment())
         if not entry.lock.acquire(blocking=False):
+            self._take_over(upload_id, entry)
+        entry.sock, entry.reading = sock, False
+        try:
+            yield entry
+        finally:
+            entry.sock, entry.reading = None, False
+            entry.lock.release()
+
+    def _take_over(self, upload_id: str, entry: Attachment) -> None:
+        """Wait for the holder, cutting its connection once it is stale; 423 after `wait`."""
+        deadline = time.monotonic() + self.wait
+        cut = False
+        while True:
             holder = entry.sock
-            if holder is not None:
+            if not cut and holder is not None and entry.reading and time.monotonic() - entry.progress >= STALE_AFTER:
+                cut = True
                 log.info("upload %s…: a new request takes over from the one still attached", upload_id[:8])
                 if self.on_takeover is not None:
                     self.on_takeover()
@@ -89,14 +114,11 @@ class Writers:
                     holder.shutdown(socket.SHUT_RDWR)  # its blocked read returns at once
                 except OSError:
                     pass
-            if not entry.lock.acquire(timeout=self.wait):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
                 raise UploadBusy()
-        entry.sock = sock
-        try:
-            yield entry
-        finally:
-            entry.sock = None
-            entry.lock.release()
+            if entry.lock.acquire(timeout=min(TAKEOVER_POLL, remaining)):
+                return
 
     def busy(self, upload_id: str) -> bool:
         with self._guard:
@@ -216,6 +238,7 @@ class ResumableUploads:
             writer = self.files.open_at(record.id, start)
         except PartialCorrupt as e:
             raise self._damaged(record.id, e) from None
+        attachment.reading, attachment.progress = True, time.monotonic()
         try:
             try:
                 next_check = start + SPACE_CHECK_BYTES
@@ -225,6 +248,7 @@ class ResumableUploads:
                         break
                     if writer.offset + n > record.length:
                         raise HTTPError(413, f"the upload is {record.length} bytes; this append goes beyond")
+                    attachment.progress = time.monotonic()
                     chunk = buf[:n]
                     writer.write(chunk)
                     digest.update(chunk)
@@ -249,6 +273,7 @@ class ResumableUploads:
             writer.sync()
             attachment.digest, attachment.digest_at = digest, writer.offset
         finally:
+            attachment.reading = False
             writer.close()
             if writer.offset != start:
                 self.meta.partial_touch(record.id, now + self.expiry)  # alive: expiry moves on (if still there)

@@ -163,7 +163,8 @@ def _creation_length(complete: bool, declared: Optional[int], body: Optional[int
 def _append(app: App, ex: Exchange, record: PartialRecord, version: int, offset: int, complete: bool,
             started: float, about: list[tuple[str, str]], creation: bool = False) -> None:
     """Append the body at `offset` as the one writer; on the complete marker, commit and answer
-    as a PUT would (201), else acknowledge with the new offset."""
+    as a PUT would (201), else acknowledge with the new offset. The answer goes out after the
+    upload is let go: a HEAD that follows at once must find it free, not take it over."""
     assert app.resumable is not None
     with app.resumable.writing(record, ex.sock, time.time()) as (record, attachment):
         current = app.resumable.offset(record)
@@ -171,37 +172,36 @@ def _append(app: App, ex: Exchange, record: PartialRecord, version: int, offset:
         if record.completed:
             if ex.req.chunked or ex.req.content_length or offset != record.length:
                 raise Problem(400, "completed-upload", "this upload is already complete")
-            _answer_complete(app, ex, record, version, app.meta.get(record.path))
-            return
-        if offset != current:
-            raise Problem(409, "mismatching-upload-offset", f"Upload-Offset is {offset}, the upload has {current} "
-                          "bytes", **{"expected-offset": current, "provided-offset": offset})
-        if complete and ex.req.content_length is not None and current + ex.req.content_length != record.length:
-            raise Problem(400, "inconsistent-upload-length",
-                          f"this part ends at {current + ex.req.content_length}, the upload is {record.length} bytes")
-        new = append_body(app, ex, record, attachment, current, None,
-                          None if creation else app.config.uploads.chunksize)
-        about[:] = [h for h in about if h[0] != "Upload-Offset"] + [("Upload-Offset", str(new))]
-        if complete:
-            if new != record.length:
-                raise Problem(400, "inconsistent-upload-length", f"the upload has {new} of {record.length} bytes")
-            stored = finish_upload(app, record, attachment, started)
-            _answer_complete(app, ex, record, version, stored)
-            return
-    status = 201 if creation or version == 3 else 204
-    headers = [*_about(app, version, new, False), ("Upload-Limit", upload_limit(app, version))]
-    if creation:
-        headers.append(("Location", resource_path(app, record.id)))
-    ex.send(status, headers)
+            reply = _complete_answer(app, record, version, app.meta.get(record.path))
+        else:
+            if offset != current:
+                raise Problem(409, "mismatching-upload-offset", f"Upload-Offset is {offset}, the upload has "
+                              f"{current} bytes", **{"expected-offset": current, "provided-offset": offset})
+            if complete and ex.req.content_length is not None and current + ex.req.content_length != record.length:
+                raise Problem(400, "inconsistent-upload-length", f"this part ends at "
+                              f"{current + ex.req.content_length}, the upload is {record.length} bytes")
+            new = append_body(app, ex, record, attachment, current, None,
+                              None if creation else app.config.uploads.chunksize)
+            about[:] = [h for h in about if h[0] != "Upload-Offset"] + [("Upload-Offset", str(new))]
+            if complete:
+                if new != record.length:
+                    raise Problem(400, "inconsistent-upload-length", f"the upload has {new} of {record.length} bytes")
+                reply = _complete_answer(app, record, version, finish_upload(app, record, attachment, started))
+            else:
+                headers = [*_about(app, version, new, False), ("Upload-Limit", upload_limit(app, version))]
+                if creation:
+                    headers.append(("Location", resource_path(app, record.id)))
+                reply = (201 if creation or version == 3 else 204, headers)
+    ex.send(*reply)
 
 
-def _answer_complete(app: App, ex: Exchange, record: PartialRecord, version: int,
-                     stored: Optional[FileRecord]) -> None:
+def _complete_answer(app: App, record: PartialRecord, version: int,
+                     stored: Optional[FileRecord]) -> tuple[int, list[tuple[str, str]]]:
     """What a PUT of the whole file answers, with the draft's headers: 201, the file's Location."""
     headers = [*_about(app, version, record.length, True), ("Location", file_location(app, record.path))]
     if stored is not None and stored.path == record.path:
         headers.append(("ETag", strong_etag(stored.sha256)))
-    ex.send(201, headers)
+    return 201, headers
 
 
 def handle_resource(app: App, ex: Exchange, upload_id: str, version: int, method: str) -> None:

@@ -33,7 +33,7 @@ from hmacfs.http.body import BodyTruncated, ChunkedBody, LengthBody
 from hmacfs.meta import FileRecord, SqliteMeta
 from hmacfs.meta.record import PartialRecord
 from hmacfs.pipeline import SPACE_CHECK_BYTES, PathLocks, Upload, UploadPipeline
-from hmacfs.resumable import ORPHAN_AGE, Attachment, ResumableUploads, UploadBusy, Writers
+from hmacfs.resumable import ORPHAN_AGE, STALE_AFTER, Attachment, ResumableUploads, UploadBusy, Writers
 from hmacfs.storage.aesgcm import CryptoUnavailable
 from hmacfs.storage.blobs import BlobStore
 from hmacfs.storage.encrypted import Keyring, SegmentReader
@@ -654,7 +654,8 @@ def test_takeover_cuts_the_stale_connection() -> None:
     seen: dict[str, object] = {}
 
     def old_request() -> None:
-        with writers.hold(UID, stale):
+        with writers.hold(UID, stale) as entry:
+            entry.reading, entry.progress = True, time.monotonic() - STALE_AFTER  # a body that stopped coming
             holding.set()
             try:
                 seen["data"] = stale.recv(1)
@@ -721,7 +722,7 @@ def test_takeover_of_an_append_keeps_the_bytes_it_wrote(engine: Engine) -> None:
             assert engine.uploads.offset(current) == 3000
             assert attachment.digest_at == 3000 and attachment.digest.hexdigest() == sha(DATA[:3000])
         thread.join(5)
-        assert took < 1.0, took
+        assert took < STALE_AFTER + 1.0, took  # cut once its body stopped for STALE_AFTER, not the read timeout
         assert isinstance(outcome.get("error"), BodyTruncated), outcome
         assert takeovers == [1]
         append(engine, record.id, [DATA[3000:]])
@@ -769,7 +770,8 @@ def test_a_holder_that_ignores_the_cut_still_bounds_the_wait() -> None:
     holding, release = threading.Event(), threading.Event()
 
     def holder() -> None:
-        with writers.hold(UID, stale):
+        with writers.hold(UID, stale) as entry:
+            entry.reading, entry.progress = True, time.monotonic() - STALE_AFTER
             holding.set()
             release.wait(10)
 
@@ -786,6 +788,43 @@ def test_a_holder_that_ignores_the_cut_still_bounds_the_wait() -> None:
         thread.join(5)
         stale.close()
         phone.close()
+
+
+@pytest.mark.parametrize("reading", [True, False], ids=["receiving", "not-reading"])
+def test_a_live_holder_is_waited_for_not_cut(reading: bool) -> None:
+    """A holder whose body is still arriving (or that is committing or answering: not reading)
+    is not cut: the newcomer waits its turn. A request that sat unread in a buffer while its
+    client resumed elsewhere must not cut the request that resumed."""
+    takeovers: list[int] = []
+    writers = Writers(wait=10.0, on_takeover=lambda: takeovers.append(1))
+    live, client = socket.socketpair()
+    holding = threading.Event()
+
+    def holder() -> None:
+        with writers.hold(UID, live) as entry:
+            entry.reading = reading
+            holding.set()
+            end = time.monotonic() + STALE_AFTER * 2
+            while time.monotonic() < end:  # bytes keep arriving
+                entry.progress = time.monotonic()
+                time.sleep(0.05)
+
+    thread = threading.Thread(target=holder, daemon=True)
+    thread.start()
+    try:
+        assert holding.wait(5)
+        started = time.monotonic()
+        with writers.hold(UID, None):
+            waited = time.monotonic() - started
+        assert waited >= STALE_AFTER * 1.5, waited  # it waited for the holder to finish
+        assert takeovers == []
+        live.setblocking(False)
+        client.sendall(b"x")
+        assert live.recv(1) == b"x"  # the live connection was not shut down
+    finally:
+        thread.join(5)
+        live.close()
+        client.close()
 
 
 def test_forget_drops_the_attachment() -> None:
