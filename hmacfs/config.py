@@ -149,6 +149,8 @@ SCHEMA: tuple[Key, ...] = (
     _k("uploads", "chunkeduploadsenabled", "bool", True, "server.chunkeduploadsenabled"),
     _k("uploads", "chunksize", "size", "32MB"),
     _k("uploads", "resumableexpiry", "duration", "24h", "maxresumableage"),
+    _k("uploads", "interimresponses", "str", "direct",
+       help="104 Upload Resumption Supported: always, direct (not to trusted proxies) or never"),
     # [downloads]
     _k("downloads", "resumabledownloadsenabled", "bool", True),
     _k("downloads", "chunkeddownloadsenabled", "bool", True),
@@ -493,6 +495,9 @@ def from_dict(raw: Mapping[str, Any], source: str = "<dict>",
     return config
 
 
+INTERIM_MODES = ("always", "direct", "never")
+
+
 def _validate(config: Config) -> None:
     """Cross-key rules that a single value cannot express."""
     s, sec = config.server, config.security
@@ -529,6 +534,9 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"[versioning] maxversions = {config.versioning.maxversions}: must not be negative")
     if config.encryption.enabled and not config.encryption.keyfile:
         raise ConfigError("[encryption] enabled = true needs keyfile: a file of '<id> <64 hex chars>' lines")
+    if config.uploads.interimresponses not in INTERIM_MODES:
+        raise ConfigError(f"[uploads] interimresponses = {config.uploads.interimresponses!r}: expected "
+                          f"{', '.join(INTERIM_MODES)}")
     if config.uploads.chunksize < 1:
         raise ConfigError("[uploads] chunksize: the largest PATCH body must be at least 1 byte (e.g. \"32MB\")")
     if config.uploads.resumableexpiry < 1:

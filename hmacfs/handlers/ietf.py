@@ -110,15 +110,26 @@ def _declared_type(headers: dict[str, str], metadata: dict[str, bytes]) -> Optio
     return metadata_text(metadata, "filetype") or metadata_text(metadata, "type")
 
 
-def wants_resumption(ex: Exchange, version: int) -> bool:
+def interim_allowed(app: App, ex: Exchange) -> bool:
+    """May this connection get a 104? `interimresponses`: always, never, or (default) only when
+    the client is connected directly: nginx (1.22 to at least 1.29) takes a 104 from its backend
+    for the final response, then stops sending the request body; HAProxy forwards it right."""
+    mode = app.config.uploads.interimresponses
+    return mode == "always" or (mode == "direct" and not ex.req.via_proxy)
+
+
+def wants_resumption(app: App, ex: Exchange, version: int) -> bool:
     """A PUT with the interop header becomes resumable only when it says (validly) whether it is
-    complete and its total length can be known (a chunked body with no Upload-Length stays a PUT)."""
+    complete and its total length can be known (a chunked body with no Upload-Length stays a PUT);
+    a complete one only when it may get its 104 (without the Location, nobody could resume it)."""
     headers = ex.req.headers
     try:
         complete = complete_marker(headers, version)
     except HTTPError:  # an invalid field is ignored (the draft): without it, an ordinary PUT
         return False
     if complete is None:
+        return False
+    if complete and not interim_allowed(app, ex):
         return False
     return not (complete and ex.req.chunked and "upload-length" not in headers)
 
@@ -142,8 +153,9 @@ def handle_creation(app: App, ex: Exchange, signed_path: str, version: int) -> N
                                headers.get("upload-metadata", "").strip())
         location = resource_path(app, record.id)
         about += [("Location", location), ("Upload-Offset", "0")]
-        ex.send_interim(104, [("Location", location), ("Upload-Draft-Interop-Version", str(version)),
-                              ("Upload-Limit", upload_limit(app, version, appends=False))])
+        if interim_allowed(app, ex):
+            ex.send_interim(104, [("Location", location), ("Upload-Draft-Interop-Version", str(version)),
+                                  ("Upload-Limit", upload_limit(app, version, appends=False))])
         _append(app, ex, record, version, 0, complete, started, about, creation=True)
 
 

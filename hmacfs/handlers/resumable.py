@@ -24,7 +24,7 @@ OVERRIDABLE = ("PATCH", "DELETE", "HEAD")  # tus clients may tunnel these throug
 
 def handle_put(app: App, ex: Exchange, signed_path: str) -> None:
     version = ietf.interop_version(ex.req.headers) if app.resumable is not None else None
-    if version is not None and ietf.wants_resumption(ex, version):
+    if version is not None and ietf.wants_resumption(app, ex, version):
         ietf.handle_creation(app, ex, signed_path, version)
     else:
         upload.handle_put(app, ex, signed_path)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Optional
 from ..errors import HTTPError
 from ..policy.paths import split_target
 from ..services.logs import printable, printable_path
-from .clientaddr import client_address
+from .clientaddr import client_address, in_networks
 from .exchange import Exchange, Request, refusal
 from .head import MAX_REQUEST_LINE, RequestHead, parse_head, read_fields, read_line
 
@@ -101,6 +101,7 @@ class ConnectionHandler(BaseHTTPRequestHandler):
         peer = self.client_address[0] if isinstance(self.client_address, tuple) else "unix"
         client = client_address(peer, head.headers, server.trusted_proxies)
         req = Request(head, client, self.rfile)
+        req.via_proxy = peer == "unix" or in_networks(peer, server.trusted_proxies)
         ex = Exchange(req, self.connection, server.app.cors, server.app)
         conn.busy(server.timeouts.readtimeout if head.has_body else server.timeouts.writetimeout)
         try:

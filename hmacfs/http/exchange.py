@@ -53,7 +53,7 @@ class Request:
     """One request: its parsed head, the client address and the stream its body comes from."""
 
     __slots__ = ("body_consumed", "chunked", "client", "content_length", "expect_continue", "headers",
-                 "keep_alive", "method", "query", "raw_path", "rfile", "started", "target", "version")
+                 "keep_alive", "method", "query", "raw_path", "rfile", "started", "target", "version", "via_proxy")
 
     def __init__(self, head: RequestHead, client: str, rfile: io.BufferedReader) -> None:
         self.method = head.method
@@ -74,6 +74,7 @@ class Request:
             self.keep_alive = "keep-alive" in conn
         self.expect_continue = self.headers.get("expect", "").lower() == "100-continue"
         self.body_consumed = not head.has_body
+        self.via_proxy = False  # the peer is a trusted proxy or a Unix socket (set by the connection)
 
 
 class CorsPolicy:

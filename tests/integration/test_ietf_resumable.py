@@ -591,3 +591,33 @@ def test_partials_directory_is_where_the_contract_says(srv: HmacfsProcess) -> No
     assert location is not None
     assert Path(srv.storage / ".hmacfs" / "partials").is_dir()
     assert any(name.startswith(upload_id(location)) for name in partial_files(srv))
+
+
+# -- 10. behind a reverse proxy: the 104 only where it can arrive ---------------------------------------
+
+
+@pytest.mark.parametrize("mode, trusted, expect_104", [
+    ("direct", [], True),                    # a client connected directly
+    ("direct", ["127.0.0.1/32"], False),     # through a trusted proxy (nginx cannot pass a 104)
+    ("always", ["127.0.0.1/32"], True),      # HAProxy forwards it: the operator says so
+    ("never", [], False),
+])
+def test_interim_responses_follow_the_setting(hmacfs_factory: Factory, mode: str, trusted: list[str],
+                                              expect_104: bool) -> None:
+    """`interimresponses` decides whether a complete PUT gets its 104. Without one it is an
+    ordinary PUT (a Location nobody can read would only leave an unresumable upload behind);
+    a creation by POST still works everywhere, since its 201 carries the Location."""
+    proc = hmacfs_factory({**CONFIG, "uploads": {**CONFIG["uploads"], "interimresponses": mode},
+                           "server": {"trustedproxies": trusted}})
+    path, body = fresh(), payload(5000)
+    interims, response = exchange(proc, "PUT", signed_put(proc.prefix, proc.secret, path, len(body)),
+                                  ietf(6, True), body)
+    assert [r.status for r in interims] == ([104] if expect_104 else []), interims
+    assert response.status == 201, response
+    assert (response.header("Upload-Draft-Interop-Version") == "6") == expect_104, response
+    assert get_file(proc, path).body == body
+    whole = payload(3000)
+    created = create_incomplete(proc, fresh(), len(whole), 6, whole[:1000])
+    done = final(proc, "PATCH", created.header("Location"),
+                 ietf(6, True, Upload_Offset="1000", Content_Type=PARTIAL_UPLOAD), whole[1000:])
+    assert done.status == 201, done
