@@ -50,7 +50,6 @@ import statistics
 import sys
 import tempfile
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Callable, Optional
@@ -59,17 +58,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import clients
 import storage
+from lifecycle import BudgetExceeded, aborted, handle_signals, stop_all, write_results
 from storage import (
-    BudgetExceeded,
-    build_zipapp,
+    ceilings_section,
+    checks_and_notes,
     choose_tmpdir,
     fs_of,
     human,
     loadavg,
     machine_info,
     make_random,
+    note_disk,
     rotate,
     warm_memory,
+    warm_section,
+    zipapp,
 )
 
 BENCH = Path(__file__).resolve().parent
@@ -470,17 +473,43 @@ def resume(port: int, f: BinaryIO, size: int, head: Callable[[Connection], int],
     raise Refused(f"resume failed {RESUME_ATTEMPTS} times, last: {problem}")
 
 
+def break_and_resume(protocol: str, port: int, src: Path, size: int, begin: Callable[[Connection], str],
+                     head: Callable[[Connection, str], int],
+                     append: Callable[[Connection, str, BinaryIO, int], Response]) -> Break:
+    """An upload broken at 50% and resumed, timed from the first connect to the final answer.
+
+    `begin` sends the request head that starts the upload on the first connection and returns
+    the upload's URL; half the body follows and the connection is closed. Then `resume`, with
+    `head` (the offset to go on from) and `append` (the rest from that offset) on the URL."""
+    with open(src, "rb") as f:
+        t0 = time.perf_counter()
+        first = Connection(port)
+        try:
+            location = begin(first)
+            first.send_body(f, 0, size // 2)
+        finally:
+            first.close()
+        offset, attempts, sent = resume(port, f, size, lambda conn: head(conn, location),
+                                        lambda conn, at: append(conn, location, f, at))
+        seconds = time.perf_counter() - t0
+    return Break(protocol, 0, size, first.body_bytes, offset, first.body_bytes + sent, seconds, attempts, location)
+
+
 def tus_broken(port: int, path: str, src: Path, size: int) -> Break:
     """tus: one PATCH carrying the whole file, closed after half; then HEAD and PATCH the rest."""
-    half = size // 2
 
-    def head(conn: Connection) -> int:
+    def begin(conn: Connection) -> str:
+        location = tus_create(conn, path, size)
+        conn.send_head("PATCH", location, tus_patch_headers(0, size))
+        return location
+
+    def head(conn: Connection, location: str) -> int:
         offset = tus_head(conn, location, size)
         if not 0 <= offset <= size:
             raise Refused(f"tus HEAD after the break: offset {offset:,} of {size:,}")
         return offset
 
-    def append(conn: Connection, offset: int) -> Response:
+    def append(conn: Connection, location: str, f: BinaryIO, offset: int) -> Response:
         resp = conn.request("PATCH", location, tus_patch_headers(offset, size - offset), (f, offset, size - offset))[0]
         if resp.status != 409:
             expect(resp, 204, "tus resumed PATCH")
@@ -488,18 +517,7 @@ def tus_broken(port: int, path: str, src: Path, size: int) -> Break:
                 raise Refused(f"tus resumed PATCH: Upload-Offset {resp.header('upload-offset')}")
         return resp
 
-    with open(src, "rb") as f:
-        t0 = time.perf_counter()
-        first = Connection(port)
-        try:
-            location = tus_create(first, path, size)
-            first.send_head("PATCH", location, tus_patch_headers(0, size))
-            first.send_body(f, 0, half)
-        finally:
-            first.close()
-        offset, attempts, sent = resume(port, f, size, head, append)
-        seconds = time.perf_counter() - t0
-    return Break("tus", 0, size, first.body_bytes, offset, first.body_bytes + sent, seconds, attempts, location)
+    return break_and_resume("tus", port, src, size, begin, head, append)
 
 
 def ietf_headers(**extra: str) -> dict[str, str]:
@@ -519,17 +537,27 @@ def ietf_head(conn: Connection, location: str, size: int) -> tuple[int, bool, st
 
 def ietf_broken(port: int, path: str, src: Path, size: int) -> Break:
     """IETF draft: a complete PUT, its 104's Location read, closed after half; HEAD; PATCH the rest."""
-    half = size // 2
     limits: list[str] = []
 
-    def head(conn: Connection) -> int:
+    def begin(conn: Connection) -> str:
+        conn.send_head("PUT", storage.target(path, size),
+                       ietf_headers(**{"Upload-Complete": "?1", "Content-Type": "application/octet-stream",
+                                       "Content-Length": str(size)}))
+        interim = conn.read_response("PUT")
+        expect(interim, 104, "IETF creation PUT (interim)")
+        location = interim.header("location")
+        if not location:
+            raise Refused("IETF 104 without a Location")
+        return location
+
+    def head(conn: Connection, location: str) -> int:
         offset, complete, limit = ietf_head(conn, location, size)
         limits.append(limit)
         if complete or not 0 <= offset <= size:
             raise Refused(f"IETF HEAD after the break: offset {offset:,} of {size:,}, complete {complete}")
         return offset
 
-    def append(conn: Connection, offset: int) -> Response:
+    def append(conn: Connection, location: str, f: BinaryIO, offset: int) -> Response:
         resp = conn.request("PATCH", location, ietf_headers(**{
             "Content-Type": PARTIAL_UPLOAD, "Upload-Offset": str(offset), "Upload-Complete": "?1",
             "Content-Length": str(size - offset)}), (f, offset, size - offset))[0]
@@ -539,25 +567,9 @@ def ietf_broken(port: int, path: str, src: Path, size: int) -> Break:
                 raise Refused(f"IETF resumed PATCH: Location {resp.header('location')!r} is not the file's")
         return resp
 
-    with open(src, "rb") as f:
-        t0 = time.perf_counter()
-        first = Connection(port)
-        try:
-            first.send_head("PUT", storage.target(path, size),
-                            ietf_headers(**{"Upload-Complete": "?1", "Content-Type": "application/octet-stream",
-                                            "Content-Length": str(size)}))
-            interim = first.read_response("PUT")
-            expect(interim, 104, "IETF creation PUT (interim)")
-            location = interim.header("location")
-            if not location:
-                raise Refused("IETF 104 without a Location")
-            first.send_body(f, 0, half)
-        finally:
-            first.close()
-        offset, attempts, sent = resume(port, f, size, head, append)
-        seconds = time.perf_counter() - t0
-    return Break("ietf", 0, size, first.body_bytes, offset, first.body_bytes + sent, seconds, attempts, location,
-                 upload_limit=limits[0])
+    brk = break_and_resume("ietf", port, src, size, begin, head, append)
+    brk.upload_limit = limits[0]
+    return brk
 
 
 def check_finished(port: int, brk: Break) -> None:
@@ -889,32 +901,15 @@ def report(run: Run, info: dict[str, str], wall: float, loads: tuple[str, str], 
            "plus whatever a second attempt re-sent. \"Takeovers\": how much `hmacfs_resumable_takeovers_total` "
            "went up during the flow: 1 when the HEAD found the cut request still attached (still reading what "
            "the kernel had buffered) and shut its connection down.", ""]
-    ceil = run.samples.get("ceiling", {})
-    if ceil:
-        out += ["## Client ceilings (same rounds)", "", "| client | median | samples |", "| --- | ---: | --- |"]
-        labels = {"put": f"{human(plan.big)} PUT, sendfile client -> separate process splicing to /dev/null",
-                  "get": f"{human(plan.big)} GET, {clients.GET_CLIENT} <- separate sendfile process"}
-        for k, v in ceil.items():
-            out.append(f"| {labels[k]} | {statistics.median(v):,.0f} MB/s | " + ", ".join(f"{x:,.0f}" for x in v)
-                       + " |")
-        out.append("")
-    warm = run.samples.get("warm_s", {})
-    if warm:
-        per_gib = (1 << 30) / plan.warm_bytes
-        out += ["## RAM warm-up before the timed uploads", "",
-                "Seconds per GiB to fault in and free the warm-up memory, per series, in order of rounds "
-                "(~1 s/GiB: warm RAM; 1.5-3.5 s/GiB: this VM's RAM had gone cold).", "",
-                "| series | s/GiB |", "| --- | --- |"]
-        out += [f"| {k} | " + ", ".join(f"{x * per_gib:.2f}" for x in v) + " |" for k, v in warm.items()]
-        out.append("")
+    out += ceilings_section(run)
+    out += warm_section(run, "## RAM warm-up before the timed uploads",
+                        "Seconds per GiB to fault in and free the warm-up memory, per series, in order of rounds "
+                        "(~1 s/GiB: warm RAM; 1.5-3.5 s/GiB: this VM's RAM had gone cold).")
     out += ["## Raw samples", "", "| set | series | samples (in order of rounds) |", "| --- | --- | --- |"]
     for key, series in run.samples.items():
         for name, values in series.items():
             out.append(f"| {key} | {name} | " + (", ".join(f"{v:,.3f}" for v in values) or "none") + " |")
-    out += ["", "## Checks", ""]
-    out += [f"- {c}" for c in run.checks] or ["- none ran"]
-    out += ["", "## Notes", ""]
-    out += [f"- {n}" for n in run.notes] or ["- no errors; every sample valid"]
+    out += checks_and_notes(run)
     return "\n".join(out) + "\n"
 
 
@@ -940,16 +935,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     plan = QUICK if args.quick else FULL
     if args.rounds or args.no_warm:
         plan = Plan(**{**plan.__dict__, "rounds": args.rounds or plan.rounds, "warm": not args.no_warm})
-
-    def on_signal(signum: int, _frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    def on_alarm(_signum: int, _frame: object) -> None:
-        raise BudgetExceeded(f"run exceeded its {plan.budget:.0f} s budget")
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGHUP, on_signal)
-    signal.signal(signal.SIGALRM, on_alarm)
+    handle_signals(plan.budget)
     started = time.perf_counter()
     load_start = loadavg()
     info = machine_info(args.python)  # before the build: the commit that is measured
@@ -958,13 +944,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     signal.alarm(int(plan.budget))
     root = Path(tempfile.mkdtemp(prefix="hmacfs-bench-resumable-", dir=tmpdir))
     run = Run(plan, root)
-    if not str(tmpdir).startswith("/dev/shm"):
-        run.note(f"data on {tmpdir} ({fs_of(root)}), not tmpfs: figures include this machine's disk and fsyncs")
+    note_disk(run, tmpdir, root)
     srv: Optional[ResumableHmacfs] = None
     try:
-        pyz = args.pyz.resolve() if args.pyz else build_zipapp(args.python, root / "hmacfs.pyz")
-        info["pyz"] = f"{'--pyz ' + str(args.pyz) if args.pyz else 'built from the work tree'}, sha256 " \
-                      f"{hashlib.sha256(pyz.read_bytes()).hexdigest()[:16]}"
+        pyz, info["pyz"] = zipapp(args.pyz, args.python, root)
         srv = ResumableHmacfs(root / "server", pyz, args.python)
         print(f"bench: {plan.mode} mode, {plan.rounds} round(s) of {human(plan.big)} "
               f"({plan.patches} x {human(plan.chunk)} PATCHes), temp dir {root}, load {load_start}", flush=True)
@@ -982,27 +965,13 @@ def main(argv: Optional[list[str]] = None) -> int:
                 run.fail(f"r{r}: {left:,} bytes left under .hmacfs/partials after the round")
         signal.alarm(0)
     except (BudgetExceeded, KeyboardInterrupt, SystemExit, Exception) as exc:
-        signal.alarm(0)
-        if srv is not None and srv.proc is not None:
-            print(f"--- hmacfs log tail ---\n{srv.log_tail(2000)}", file=sys.stderr)
-        if not isinstance(exc, (BudgetExceeded, KeyboardInterrupt, SystemExit)):
-            traceback.print_exc()
-        print(f"bench: aborted: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 2
+        return aborted(exc, srv, show_traceback=True)
     finally:
-        if srv is not None:
-            try:
-                srv.stop()
-            except Exception as exc:  # cleanup must go on
-                print(f"bench: cleanup: {exc}", file=sys.stderr)
+        stop_all(srv)
         shutil.rmtree(root, ignore_errors=True)
     wall = time.perf_counter() - started
     text = report(run, info, wall, (load_start, loadavg()), fs_of(root), args.context)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print("\n" + table(run) + "\n")
-    print(f"bench: wrote {args.out} in {wall:.0f} s; {run.failures} failed sample(s)")
-    return 1 if run.failures else 0
+    return write_results(args.out, text, table(run), wall, run.failures)
 
 
 if __name__ == "__main__":

@@ -30,12 +30,13 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import clients
 import servers
+from lifecycle import BudgetExceeded, aborted, handle_signals, stop_all, write_results
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -79,10 +80,6 @@ class Metric:
     higher_is_better: bool
     fmt: str = "{:,.0f}"
     peak: bool = False  # aggregate rounds by max (a peak), not by median
-
-
-class BudgetExceeded(Exception):
-    """The run took longer than its hard limit."""
 
 
 @dataclass
@@ -592,15 +589,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"bench: {tool} not found on PATH (apt-get install {tool})", file=sys.stderr)
             return 2
 
-    def on_signal(signum: int, _frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    def on_alarm(_signum: int, _frame: object) -> None:
-        raise BudgetExceeded(f"run exceeded its {plan.budget:.0f} s budget")
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGHUP, on_signal)
-    signal.signal(signal.SIGALRM, on_alarm)
+    handle_signals(plan.budget)
     started = time.perf_counter()
     signal.alarm(int(plan.budget))
     tmpdir = args.tmpdir or default_tmpdir(3 * plan.big + (1 << 30))
@@ -609,7 +598,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     mem_root = Path(tempfile.mkdtemp(prefix="hmacfs-bench-mem-", dir=args.mem_tmpdir))
     run = Run(plan, [], root, mem_root)
     memcheck: Optional[servers.Hmacfs] = None
-    cleanup: list[Callable[[], None]] = []
     try:
         makers = {
             "hmacfs": lambda: servers.Hmacfs(root / "hmacfs", (args.pyz or build_zipapp(args.python)).resolve(), SECRET,
@@ -621,7 +609,6 @@ def main(argv: Optional[list[str]] = None) -> int:
             if name not in makers:
                 raise SystemExit(f"bench: unknown server {name!r}")
             run.servers.append(makers[name]())
-            cleanup.append(run.servers[-1].stop)
         print(f"bench: {plan.mode} mode, servers {', '.join(wanted)}, temp dir {root}", flush=True)
         src_big = clients.make_source(root / "big.bin", plan.big)
         src_small = clients.make_source(root / "small.bin", plan.small)
@@ -643,35 +630,20 @@ def main(argv: Optional[list[str]] = None) -> int:
         hmacfs = next((s for s in run.servers if isinstance(s, servers.Hmacfs)), None)
         if hmacfs is not None and "mem" not in skip:
             memcheck = servers.Hmacfs(mem_root / "hmacfs", hmacfs.pyz, SECRET, args.python)
-            cleanup.append(memcheck.stop)
             phase_memcheck(run, memcheck, src_mem, src_big)
         signal.alarm(0)
     except (BudgetExceeded, KeyboardInterrupt, SystemExit, Exception) as exc:
-        signal.alarm(0)
-        for s in run.servers:
-            if s.proc is not None:
-                print(f"--- {s.name} log tail ---\n{s.log_tail(2000)}", file=sys.stderr)
-        print(f"bench: aborted: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 2
+        return aborted(exc, *run.servers)
     finally:
-        for stop in cleanup:
-            try:
-                stop()
-            except Exception as exc:  # cleanup must go on
-                print(f"bench: cleanup: {exc}", file=sys.stderr)
+        stop_all(*run.servers, memcheck)
         shutil.rmtree(root, ignore_errors=True)
         shutil.rmtree(mem_root, ignore_errors=True)
     wall = time.perf_counter() - started
     finish_rss_max(run)
     text = report(run, info, wall)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print("\n" + table(run) + "\n")
-    if run.memcheck:
-        print("memory check: " + "; ".join(f"{human(size)} upload peak RSS {peak / MB:.1f} MB"
-                                           for _l, size, peak, _m in run.memcheck))
-    print(f"bench: wrote {args.out} in {wall:.0f} s; {run.failures} failed sample(s)")
-    return 1 if run.failures else 0
+    memory = "; ".join(f"{human(size)} upload peak RSS {peak / MB:.1f} MB" for _l, size, peak, _m in run.memcheck)
+    return write_results(args.out, text, table(run), wall, run.failures,
+                         summary=f"memory check: {memory}" if run.memcheck else "")
 
 
 if __name__ == "__main__":

@@ -50,12 +50,13 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import clients
 import servers
+from lifecycle import BudgetExceeded, aborted, handle_signals, stop_all, write_results
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -113,10 +114,6 @@ def rows(plan: Plan) -> list[Row]:
         Row("rss_xfer", f"peak RSS during the {big} PUT+GET above: dedup+enc vs plain", "MB", ENC, PLAIN, False,
             None, peak=True, fmt="{:,.1f}"),
     ]
-
-
-class BudgetExceeded(Exception):
-    """The run took longer than its hard limit."""
 
 
 @dataclass
@@ -576,36 +573,52 @@ def report(run: Run, info: dict[str, str], wall: float, loads: tuple[str, str], 
     if idle:
         out += ["RSS of the fresh dedup+enc server right after start-up (median): "
                 + ", ".join(f"before the {k} upload {v:.1f} MB" for k, v in sorted(idle.items())) + ".", ""]
-    ceil = run.samples.get("ceiling", {})
-    if ceil:
-        out += ["## Client ceilings (same rounds)", "", "| client | median | samples |", "| --- | ---: | --- |"]
-        labels = {"put": f"{human(plan.big)} PUT, sendfile client -> separate process splicing to /dev/null",
-                  "get": f"{human(plan.big)} GET, {clients.GET_CLIENT} <- separate sendfile process"}
-        for k, v in ceil.items():
-            out.append(f"| {labels[k]} | {statistics.median(v):,.0f} MB/s | "
-                       + ", ".join(f"{x:,.0f}" for x in v) + " |")
-        out.append("")
-    warm = run.samples.get("warm_s", {})
-    if warm:
-        out += ["## RAM warm-up before the timed PUTs", "",
-                f"Seconds per GiB to fault in and free {human(plan.warm_bytes)} before each timed PUT, per "
-                "series, in order of rounds. About 1 s/GiB is warm RAM; 1.5-3.5 s/GiB means the VM's RAM had "
-                "gone cold, and a PUT without the warm-up would have paid that inside its timing.", "",
-                "| series | s/GiB |", "| --- | --- |"]
-        per_gib = (1 << 30) / plan.warm_bytes
-        out += [f"| {k} | " + ", ".join(f"{x * per_gib:.2f}" for x in v) + " |" for k, v in warm.items()]
-        out.append("")
+    out += ceilings_section(run)
+    out += warm_section(run, "## RAM warm-up before the timed PUTs",
+                        f"Seconds per GiB to fault in and free {human(plan.warm_bytes)} before each timed PUT, per "
+                        "series, in order of rounds. About 1 s/GiB is warm RAM; 1.5-3.5 s/GiB means the VM's RAM had "
+                        "gone cold, and a PUT without the warm-up would have paid that inside its timing.")
     out += ["## Raw samples", "", "| metric | series | samples (in order of rounds) |", "| --- | --- | --- |"]
     for row in rows(plan):
         for name in (row.measured, row.against):
             values = run.get(row.key, name)
             out.append(f"| {row.label} | {name} | " + (", ".join(row.fmt.format(v) for v in values) or "none")
                        + " |")
-    out += ["", "## Checks", ""]
-    out += [f"- {c}" for c in run.checks] or ["- none ran"]
-    out += ["", "## Notes", ""]
-    out += [f"- {n}" for n in run.notes] or ["- no errors; every sample valid"]
+    out += checks_and_notes(run)
     return "\n".join(out) + "\n"
+
+
+def ceilings_section(run: Run) -> list[str]:
+    """The clients' ceilings measured in this run's rounds (none measured: no section)."""
+    ceil = run.samples.get("ceiling", {})
+    if not ceil:
+        return []
+    big = human(run.plan.big)
+    labels = {"put": f"{big} PUT, sendfile client -> separate process splicing to /dev/null",
+              "get": f"{big} GET, {clients.GET_CLIENT} <- separate sendfile process"}
+    return ["## Client ceilings (same rounds)", "", "| client | median | samples |", "| --- | ---: | --- |",
+            *(f"| {labels[k]} | {statistics.median(v):,.0f} MB/s | " + ", ".join(f"{x:,.0f}" for x in v) + " |"
+              for k, v in ceil.items()),
+            ""]
+
+
+def warm_section(run: Run, heading: str, intro: str) -> list[str]:
+    """What the RAM warm-ups cost, in s/GiB per series (warming off: no section)."""
+    warm = run.samples.get("warm_s", {})
+    if not warm:
+        return []
+    per_gib = (1 << 30) / run.plan.warm_bytes
+    return [heading, "", intro, "", "| series | s/GiB |", "| --- | --- |",
+            *(f"| {k} | " + ", ".join(f"{x * per_gib:.2f}" for x in v) + " |" for k, v in warm.items()),
+            ""]
+
+
+def checks_and_notes(run: Run) -> list[str]:
+    """The report's last two sections: what the sanity checks established, and every note and failure."""
+    return ["", "## Checks", "",
+            *([f"- {c}" for c in run.checks] or ["- none ran"]),
+            "", "## Notes", "",
+            *([f"- {n}" for n in run.notes] or ["- no errors; every sample valid"])]
 
 
 # ----------------------------------------------------------------------------- main
@@ -618,6 +631,13 @@ def build_zipapp(python: str, out: Path) -> Path:
                    stdout=subprocess.DEVNULL)
     subprocess.run([python, str(out), "-version"], check=True, timeout=60, stdout=subprocess.DEVNULL)
     return out
+
+
+def zipapp(given: Optional[Path], python: str, root: Path) -> tuple[Path, str]:
+    """The zipapp to run (--pyz, or one built into the run's temp dir) and how the report names it."""
+    pyz = given.resolve() if given else build_zipapp(python, root / "hmacfs.pyz")
+    origin = f"--pyz {given}" if given else "built from the work tree"
+    return pyz, f"{origin}, sha256 {hashlib.sha256(pyz.read_bytes()).hexdigest()[:16]}"
 
 
 def free_bytes(path: Path) -> int:
@@ -659,6 +679,12 @@ def fs_of(path: Path) -> str:
     return f"temp dir under {path.parent} ({best[1]} on {best[2]})"
 
 
+def note_disk(run: Run, tmpdir: Path, root: Path) -> None:
+    """Say in the report when the data is not on tmpfs: the figures then include the disk."""
+    if not str(tmpdir).startswith("/dev/shm"):
+        run.note(f"data on {tmpdir} ({fs_of(root)}), not tmpfs: figures include this machine's disk and fsyncs")
+
+
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description="hmacfs: dedup + encryption vs plain storage (see bench/README.md)")
     ap.add_argument("--quick", action="store_true", help="16 MiB transfers, 1 round, ~10 s")
@@ -678,16 +704,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     plan = QUICK if args.quick else FULL
     if args.rounds or args.no_warm:
         plan = Plan(**{**plan.__dict__, "rounds": args.rounds or plan.rounds, "warm": not args.no_warm})
-
-    def on_signal(signum: int, _frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    def on_alarm(_signum: int, _frame: object) -> None:
-        raise BudgetExceeded(f"run exceeded its {plan.budget:.0f} s budget")
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGHUP, on_signal)
-    signal.signal(signal.SIGALRM, on_alarm)
+    handle_signals(plan.budget)
     started = time.perf_counter()
     load_start = loadavg()
     info = machine_info(args.python)  # before the build: the commit that is measured
@@ -697,19 +714,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     signal.alarm(int(plan.budget))
     root = Path(tempfile.mkdtemp(prefix="hmacfs-bench-storage-", dir=tmpdir))
     run = Run(plan, root)
-    if not str(tmpdir).startswith("/dev/shm"):
-        run.note(f"data on {tmpdir} ({fs_of(root)}), not tmpfs: figures include this machine's disk and fsyncs")
-    cleanup: list[Callable[[], None]] = []
+    note_disk(run, tmpdir, root)
+    made: list[ConfiguredHmacfs] = []
     try:
-        pyz = args.pyz.resolve() if args.pyz else build_zipapp(args.python, root / "hmacfs.pyz")
-        info["pyz"] = f"{'--pyz ' + str(args.pyz) if args.pyz else 'built from the work tree'}, sha256 " \
-                      f"{hashlib.sha256(pyz.read_bytes()).hexdigest()[:16]}"
+        pyz, info["pyz"] = zipapp(args.pyz, args.python, root)
         keyfile = write_keyfile(root / "keyfile")
         plain = ConfiguredHmacfs(PLAIN, root / "plain", pyz, args.python)
         enc = ConfiguredHmacfs(ENC, root / "dedup-enc", pyz, args.python, dedup_enc_toml(keyfile))
         mem = ConfiguredHmacfs(ENC, root / "mem", pyz, args.python, dedup_enc_toml(keyfile))
-        for s in (plain, enc, mem):
-            cleanup.append(s.stop)
+        made += [plain, enc, mem]
         print(f"bench: {plan.mode} mode, {plan.rounds} round(s) of {human(plan.big)}, temp dir {root}, "
               f"load {load_start}", flush=True)
         for s in (plain, enc):
@@ -724,27 +737,13 @@ def main(argv: Optional[list[str]] = None) -> int:
             big_src.unlink()
         signal.alarm(0)
     except (BudgetExceeded, KeyboardInterrupt, SystemExit, Exception) as exc:
-        signal.alarm(0)
-        for stop in cleanup:
-            server = getattr(stop, "__self__", None)
-            if server is not None and server.proc is not None:
-                print(f"--- {server.name} log tail ---\n{server.log_tail(2000)}", file=sys.stderr)
-        print(f"bench: aborted: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 2
+        return aborted(exc, *made)
     finally:
-        for stop in cleanup:
-            try:
-                stop()
-            except Exception as exc:  # cleanup must go on
-                print(f"bench: cleanup: {exc}", file=sys.stderr)
+        stop_all(*made)
         shutil.rmtree(root, ignore_errors=True)
     wall = time.perf_counter() - started
     text = report(run, info, wall, (load_start, loadavg()), fs_of(root))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print("\n" + table(run) + "\n")
-    print(f"bench: wrote {args.out} in {wall:.0f} s; {run.failures} failed sample(s)")
-    return 1 if run.failures else 0
+    return write_results(args.out, text, table(run), wall, run.failures)
 
 
 if __name__ == "__main__":

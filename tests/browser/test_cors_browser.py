@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import http.server
 import json
-import subprocess
 import threading
 import time
 import urllib.parse
@@ -23,10 +21,9 @@ from typing import Any, Iterator
 
 import pytest
 
-from tests.conftest import need_program
+from tests.support import chromium
 from tests.support.hmacfs_proc import HmacfsProcess
 from tests.xmpp.httpraw import jwt_hs256, png
-from tests.xmpp.procs import stop_tree, tail
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(120)]
 
@@ -34,8 +31,6 @@ LIMIT = 64 * 1024
 JWT_SLOT = "-browserSlot0123456789ab"  # 24 base64url characters; Prosody's may start with "-"
 IMAGE = png(96, 64)
 Report = tuple[dict[str, Any], HmacfsProcess]  # what the page saw, and the hmacfs it talked to
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 PAGE = """<!doctype html>
 <meta charset="utf-8">
@@ -91,29 +86,21 @@ def sign_v2(hm: HmacfsProcess, path: str, size: int, secret: str = "") -> str:
     return f"{hm.upload_base}{urllib.parse.quote(path)}?v2={mac}"
 
 
-class PageServer(http.server.ThreadingHTTPServer):
+class PageServer(chromium.PageServer):
     """Serves the test page and the PNG, and receives the page's report."""
 
-    daemon_threads = True
-
     def __init__(self, config: dict[str, Any]) -> None:
-        super().__init__(("127.0.0.1", 0), PageHandler)
-        self.config = config
+        super().__init__(PageHandler, config)
         self.report: dict[str, Any] = {}
         self.reported = threading.Event()
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/page.html"
 
-
-class PageHandler(http.server.BaseHTTPRequestHandler):
+class PageHandler(chromium.PageHandler):
     server: PageServer
 
     def do_GET(self) -> None:
         if self.path == "/page.html":
-            page = PAGE % {"config": json.dumps(self.server.config)}
-            self._send(200, "text/html; charset=utf-8", page.encode())
+            self.send_page(PAGE)
         elif self.path == "/image.png":
             self._send(200, "image/png", IMAGE)
         else:
@@ -125,25 +112,13 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
         self.server.reported.set()
         self._send(204, "text/plain", b"")
 
-    def _send(self, status: int, content_type: str, body: bytes) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:  # keep test output clean
-        pass
-
 
 @pytest.fixture(scope="module")
 def browser_report(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Report]:
     """Run the page once in Chromium against one hmacfs; every test reads a part of the report."""
-    chromium = need_program("chromium", "chromium-browser")
+    chromium_bin = chromium.need_chromium()
     workdir = tmp_path_factory.mktemp("browser")
     hm = HmacfsProcess(workdir / "hmacfs", {"uploads": {"maxuploadsize": LIMIT}})
-    page: PageServer | None = None
-    browser: subprocess.Popen | None = None
     try:
         hm.start()
         now = int(time.time())
@@ -159,21 +134,11 @@ def browser_report(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Report]
                 "filename": "Bild (ä).png", "filesize": len(IMAGE), "filetype": "image/png"}),
         }
         page = PageServer(config)
-        threading.Thread(target=page.serve_forever, daemon=True).start()
-        log_path = workdir / "chromium.log"
-        with open(log_path, "ab") as log:
-            browser = subprocess.Popen(
-                [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={workdir / 'profile'}", page.url],
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        if not page.reported.wait(60):
-            pytest.fail(f"the page reported nothing within 60 s\n--- chromium ---\n{tail(log_path, 4000)}"
-                        f"\n--- hmacfs ---\n{hm.log()[-4000:]}")
-        yield page.report, hm
+        with chromium.open_in_chromium(chromium_bin, page, workdir) as log_path:
+            if not page.reported.wait(60):
+                pytest.fail("the page reported nothing within 60 s" + chromium.log_tails(log_path, hm))
+            yield page.report, hm
     finally:
-        stop_tree(browser)
-        if page is not None:
-            page.shutdown()
-            page.server_close()
         hm.close()
 
 

@@ -16,9 +16,7 @@ downloads the file from hmacfs and reports its SHA-256 (crypto.subtle.digest). O
 from __future__ import annotations
 
 import hashlib
-import http.server
 import json
-import subprocess
 import threading
 import urllib.parse
 from pathlib import Path
@@ -26,16 +24,14 @@ from typing import Any, Iterator
 
 import pytest
 
-from tests.browser.test_cors_browser import CHROMIUM_FLAGS
-from tests.conftest import REQUIRE_ALL, need_program
+from tests.support import chromium
 from tests.support.client import request, signed_put, url_path
-from tests.support.hmacfs_proc import REPO, HmacfsProcess
-from tests.xmpp.procs import stop_tree, tail
+from tests.support.hmacfs_proc import HmacfsProcess
+from tests.support.tusjs import PACKAGE, need_pinned_tus_js
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(180)]
 
-JS_DIR = REPO / "tests" / "js"
-BUNDLE = JS_DIR / "node_modules" / "tus-js-client" / "dist" / "tus.min.js"
+BUNDLE = PACKAGE / "dist" / "tus.min.js"
 CHUNK = 512 * 1024
 SIZE = 3 * 1024 * 1024 + 4321
 ABORT_AFTER = 2  # chunks acknowledged before the first page aborts
@@ -163,43 +159,28 @@ def xorshift_bytes(size: int, seed: int) -> bytes:
 def need_bundle() -> Path:
     """tus-js-client's browser bundle at the pinned version; skip (fail under HMACFS_REQUIRE_ALL=1)
     when `npm ci` has not run in tests/js."""
-    pinned = json.loads((JS_DIR / "package.json").read_text())["dependencies"]["tus-js-client"]
-    manifest = JS_DIR / "node_modules" / "tus-js-client" / "package.json"
-    installed = json.loads(manifest.read_text())["version"] if manifest.exists() else None
-    if installed != pinned or not BUNDLE.exists():
-        message = (f"needs tus-js-client {pinned} in {JS_DIR}/node_modules (found {installed}); "
-                   f"run `npm ci` there (contrib/run-tests.sh does)")
-        if REQUIRE_ALL:
-            pytest.fail(message)
-        pytest.skip(message)
+    need_pinned_tus_js(BUNDLE)
     return BUNDLE
 
 
-class PageServer(http.server.ThreadingHTTPServer):
+class PageServer(chromium.PageServer):
     """Serves the page and tus-js-client's bundle, and collects the reports of both page loads."""
 
-    daemon_threads = True
-
     def __init__(self, config: dict[str, Any], bundle: bytes) -> None:
-        super().__init__(("127.0.0.1", 0), PageHandler)
-        self.config = config
+        super().__init__(PageHandler, config)
         self.bundle = bundle
         self.reports: dict[str, dict[str, Any]] = {}
         self.finished = threading.Event()
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/page.html"
 
-
-class PageHandler(http.server.BaseHTTPRequestHandler):
+class PageHandler(chromium.PageHandler):
     server: PageServer
+    extra_headers = {"Cache-Control": "no-store"}
 
     def do_GET(self) -> None:
         path = urllib.parse.urlsplit(self.path).path
         if path == "/page.html":
-            page = PAGE % {"config": json.dumps(self.server.config)}
-            self._send(200, "text/html; charset=utf-8", page.encode())
+            self.send_page(PAGE)
         elif path == "/tus.min.js":
             self._send(200, "text/javascript; charset=utf-8", self.server.bundle)
         else:
@@ -212,17 +193,6 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
             self.server.finished.set()
         self._send(204, "text/plain", b"")
 
-    def _send(self, status: int, content_type: str, body: bytes) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:  # keep test output clean
-        pass
-
 
 def file_path(mode: str) -> str:
     return f"browser-tus/{mode}/holiday.bin"
@@ -231,12 +201,10 @@ def file_path(mode: str) -> str:
 @pytest.fixture(scope="module")
 def browser_report(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Report]:
     """Run both page loads once in Chromium against one hmacfs; every test reads a part of the reports."""
-    chromium = need_program("chromium", "chromium-browser")
+    chromium_bin = chromium.need_chromium()
     bundle = need_bundle().read_bytes()
     workdir = tmp_path_factory.mktemp("tusbrowser")
     hm = HmacfsProcess(workdir / "hmacfs")
-    page: PageServer | None = None
-    browser: subprocess.Popen | None = None
     try:
         hm.start()
         config = {
@@ -245,21 +213,12 @@ def browser_report(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Report]
                              "getUrl": hm.base_url + url_path(hm.prefix, file_path(mode))} for mode in MODES},
         }
         page = PageServer(config, bundle)
-        threading.Thread(target=page.serve_forever, daemon=True).start()
-        log_path = workdir / "chromium.log"
-        with open(log_path, "ab") as log:
-            browser = subprocess.Popen(
-                [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={workdir / 'profile'}", page.url],
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        if not page.finished.wait(120):
-            pytest.fail(f"the page did not finish within 120 s; reports: {json.dumps(page.reports)[-4000:]}"
-                        f"\n--- chromium ---\n{tail(log_path, 4000)}\n--- hmacfs ---\n{hm.log()[-4000:]}")
-        yield page.reports, hm
+        with chromium.open_in_chromium(chromium_bin, page, workdir) as log_path:
+            if not page.finished.wait(120):
+                pytest.fail(f"the page did not finish within 120 s; reports: {json.dumps(page.reports)[-4000:]}"
+                            + chromium.log_tails(log_path, hm))
+            yield page.reports, hm
     finally:
-        stop_tree(browser)
-        if page is not None:
-            page.shutdown()
-            page.server_close()
         hm.close()
 
 

@@ -107,6 +107,13 @@ def offset_of(response: RawResponse) -> int:
     return int(value)
 
 
+def location_of(response: RawResponse) -> str:
+    """The upload's URL from a 104 or a creation's 201."""
+    location = response.header("Location")
+    assert location is not None, response
+    return location
+
+
 def wait_for_offset(srv: HmacfsProcess, location: str, version: int, expected: int,
                     within: float = 5.0) -> RawResponse:
     """HEAD until the offset is `expected`: the server notices a broken connection a moment
@@ -194,8 +201,7 @@ def test_broken_put_resumes_with_head_and_patch(srv: HmacfsProcess, version: int
     path, body = fresh(), payload()
     half = len(body) // 2
     conn, interim = begin_put(srv, path, body, version)
-    location = interim.header("Location")
-    assert location is not None
+    location = location_of(interim)
     conn.send(body[:half])
     conn.close()
 
@@ -228,8 +234,7 @@ def test_reset_mid_body_keeps_the_bytes_that_arrived(srv: HmacfsProcess) -> None
     path, body = fresh(), payload()
     half = len(body) // 2
     conn, interim = begin_put(srv, path, body, 6)
-    location = interim.header("Location")
-    assert location is not None
+    location = location_of(interim)
     conn.send(body[:half])
     time.sleep(0.3)  # the bytes reach the server (loopback) before the reset does
     conn.reset()
@@ -244,8 +249,7 @@ def test_read_timeout_mid_body_keeps_the_bytes_that_arrived(hmacfs_factory: Fact
     path, body = fresh(), payload()
     half = len(body) // 2
     conn, interim = begin_put(srv, path, body, 5)
-    location = interim.header("Location")
-    assert location is not None
+    location = location_of(interim)
     with conn:
         conn.send(body[:half])
         assert conn.closed_by_server(within=10), "the server never cut the silent connection"
@@ -262,8 +266,7 @@ def test_resume_across_kill_9(hmacfs_factory: Factory) -> None:
     broken_path, broken = fresh(), payload()
     half = len(broken) // 2
     conn, interim = begin_put(srv, broken_path, broken, 6)
-    broken_at = interim.header("Location")
-    assert broken_at is not None
+    broken_at = location_of(interim)
     conn.send(broken[:half])
     conn.close()
     wait_for_offset(srv, broken_at, 6, half)
@@ -272,8 +275,7 @@ def test_resume_across_kill_9(hmacfs_factory: Factory) -> None:
     # reports after the restart must be a true prefix the client can resume from
     attached_path, attached = fresh(), payload()
     stuck, interim = begin_put(srv, attached_path, attached, 9)
-    attached_at = interim.header("Location")
-    assert attached_at is not None
+    attached_at = location_of(interim)
     stuck.send(attached[:half])
     time.sleep(0.2)
 
@@ -301,8 +303,7 @@ def test_new_connection_takes_over_from_a_stale_one(srv: HmacfsProcess) -> None:
     half = len(body) // 2
     takeovers_before = metric(srv, "hmacfs_resumable_takeovers_total")
     stale, interim = begin_put(srv, path, body, 6)
-    location = interim.header("Location")
-    assert location is not None
+    location = location_of(interim)
     with stale:
         stale.send(body[:half])  # ... and then silence, the socket left open (the old network is gone)
         time.sleep(0.3)
@@ -327,8 +328,7 @@ def test_patches_take_turns_and_a_stale_offset_gets_409(srv: HmacfsProcess) -> N
     path, body = fresh(), payload()
     half, quarter = len(body) // 2, len(body) // 4
     a, interim = begin_put(srv, path, body, 9)
-    location = interim.header("Location")
-    assert location is not None
+    location = location_of(interim)
     with a:
         a.send(body[:half])
         time.sleep(0.3)
@@ -361,8 +361,7 @@ def test_patches_take_turns_and_a_stale_offset_gets_409(srv: HmacfsProcess) -> N
 def test_wrong_offset_is_409_with_the_right_offset(srv: HmacfsProcess, version: int) -> None:
     body = payload(4000)
     created = create_incomplete(srv, fresh(), len(body), version, body[:1000])
-    location = created.header("Location")
-    assert location is not None
+    location = location_of(created)
     for wrong in (0, 999, 1001, 3999):
         conflict = patch(srv, location, version, wrong, body[wrong:wrong + 500], complete=False)
         assert conflict.status == 409, conflict
@@ -386,8 +385,7 @@ def test_wrong_offset_is_409_with_the_right_offset(srv: HmacfsProcess, version: 
 def test_delete_frees_the_slot(srv: HmacfsProcess) -> None:
     path, body = fresh(), payload(3000)
     created = create_incomplete(srv, path, len(body), 6, body[:1000])
-    location = created.header("Location")
-    assert location is not None
+    location = location_of(created)
     assert any(name.startswith(upload_id(location)) for name in partial_files(srv))
 
     gone = final(srv, "DELETE", location, ietf(6))
@@ -503,8 +501,7 @@ def victim(srv: HmacfsProcess) -> tuple[str, bytes]:
     request that got through would otherwise fail every later case too)."""
     body = payload(6000)
     created = create_incomplete(srv, fresh(), len(body), 6, body[:1000])
-    location = created.header("Location")
-    assert location is not None
+    location = location_of(created)
     return location, body
 
 
@@ -529,8 +526,7 @@ def test_bad_patch_control_a_good_one_is_taken(srv: HmacfsProcess) -> None:
     so each refusal above is about its one bad field."""
     body = payload(6000)
     created = create_incomplete(srv, fresh(), len(body), 6, body[:1000])
-    location = created.header("Location")
-    assert location is not None
+    location = location_of(created)
     ok = patch(srv, location, 6, 1000, body[1000:2000], complete=False, Upload_Length="6000")
     assert ok.status == 204 and offset_of(ok) == 2000, ok
 
@@ -550,8 +546,7 @@ def test_head_or_delete_with_upload_headers_is_400(srv: HmacfsProcess, victim: t
 def test_completed_upload_refuses_more_bytes(srv: HmacfsProcess) -> None:
     path, body = fresh(), payload(3000)
     created = create_incomplete(srv, path, len(body), 9, body[:1000])
-    location = created.header("Location")
-    assert location is not None
+    location = location_of(created)
     assert_committed(srv, patch(srv, location, 9, 1000, body[1000:], complete=True), path, body, 9)
 
     for offset, complete in ((3000, True), (3000, False), (1000, True)):
@@ -587,8 +582,7 @@ def test_partials_directory_is_where_the_contract_says(srv: HmacfsProcess) -> No
     progress has a file there (else 'nothing created' would hold vacuously)."""
     body = payload(2000)
     created = create_incomplete(srv, fresh(), len(body), 6, body[:10])
-    location = created.header("Location")
-    assert location is not None
+    location = location_of(created)
     assert Path(srv.storage / ".hmacfs" / "partials").is_dir()
     assert any(name.startswith(upload_id(location)) for name in partial_files(srv))
 

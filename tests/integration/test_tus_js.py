@@ -25,13 +25,13 @@ from typing import Any, Iterator
 
 import pytest
 
-from tests.conftest import REQUIRE_ALL, need_program
+from tests.conftest import need_program
 from tests.support.client import Response, request, signed_put, url_path
-from tests.support.hmacfs_proc import REPO, HmacfsProcess
+from tests.support.hmacfs_proc import HmacfsProcess
+from tests.support.tusjs import JS_DIR, need_pinned_tus_js, pinned_tus_js_version
 
 pytestmark = [pytest.mark.timeout(180)]
 
-JS_DIR = REPO / "tests" / "js"
 DRIVER = JS_DIR / "tus_node.mjs"
 CHUNK = 1024 * 1024
 SIZE = 8 * CHUNK + 12345  # the last chunk is short, as with any real file
@@ -44,23 +44,11 @@ MODE_HEADERS = {
 }
 
 
-def pinned_tus_js_version() -> str:
-    """The version tests/js/package.json pins (exact, so the lock file decides what CI runs)."""
-    return json.loads((JS_DIR / "package.json").read_text())["dependencies"]["tus-js-client"]
-
-
 def need_tus_js() -> str:
     """The Node binary, once tus-js-client is installed at the pinned version; skip (or fail under
-    HMACFS_REQUIRE_ALL=1) otherwise: a stale node_modules would test a client nobody pinned."""
+    HMACFS_REQUIRE_ALL=1) otherwise."""
     node = need_program("node", "nodejs")
-    manifest = JS_DIR / "node_modules" / "tus-js-client" / "package.json"
-    installed = json.loads(manifest.read_text())["version"] if manifest.exists() else None
-    if installed != pinned_tus_js_version():
-        message = (f"needs tus-js-client {pinned_tus_js_version()} in {JS_DIR}/node_modules (found {installed}); "
-                   f"run `npm ci` there (contrib/run-tests.sh does)")
-        if REQUIRE_ALL:
-            pytest.fail(message)
-        pytest.skip(message)
+    need_pinned_tus_js()
     return node
 
 

@@ -14,6 +14,7 @@ each test with plain partial files and with sealed ones (encryption at rest on).
 from __future__ import annotations
 
 import base64
+import contextlib
 import errno
 import hashlib
 import io
@@ -614,6 +615,35 @@ def test_sweep_removes_expired_completed_rows_but_not_the_file(engine: Engine) -
 UID = "U" * 32
 
 
+def counting_writers(wait: float) -> tuple[Writers, list[int]]:
+    """Writers whose takeovers are counted: one 1 in the list for each."""
+    takeovers: list[int] = []
+    return Writers(wait=wait, on_takeover=lambda: takeovers.append(1)), takeovers
+
+
+@contextlib.contextmanager
+def held_elsewhere(writers: Writers, sock: Optional[socket.socket] = None, stalled: bool = False) -> Iterator[None]:
+    """Another thread holds UID through `sock` (with `stalled`: reading a body that stopped coming
+    STALE_AFTER ago) until the block ends."""
+    holding, release = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with writers.hold(UID, sock) as entry:
+            if stalled:
+                entry.reading, entry.progress = True, time.monotonic() - STALE_AFTER
+            holding.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=holder, daemon=True)
+    thread.start()
+    try:
+        assert holding.wait(5)
+        yield
+    finally:
+        release.set()
+        thread.join(5)
+
+
 def test_holds_take_turns_and_share_the_attachment() -> None:
     """The state (digest) carried between requests lives on the one attachment per upload."""
     writers = Writers(wait=1.0)
@@ -646,8 +676,7 @@ def test_takeover_cuts_the_stale_connection() -> None:
     """Thread 1 holds the upload and blocks reading a dead connection; thread 2's hold shuts
     that socket down, so thread 1's recv returns b'' at once and thread 2 proceeds within ~1 s
     (not after the 30 s TAKEOVER_WAIT or the read timeout). on_takeover counts it once."""
-    takeovers: list[int] = []
-    writers = Writers(wait=10.0, on_takeover=lambda: takeovers.append(1))
+    writers, takeovers = counting_writers(10.0)
     stale, phone = socket.socketpair()
     stale.settimeout(10)  # if the cut never comes, the test fails instead of hanging
     holding = threading.Event()
@@ -687,8 +716,7 @@ def test_takeover_of_an_append_keeps_the_bytes_it_wrote(engine: Engine) -> None:
     """The real case: a PATCH reading a socket whose phone moved networks. A new request takes
     over: the old append ends with BodyTruncated, keeping the 3000 bytes that arrived, and the
     new request sees offset 3000 and a digest that matches; the upload then completes."""
-    takeovers: list[int] = []
-    engine.uploads.writers = Writers(wait=10.0, on_takeover=lambda: takeovers.append(1))
+    engine.uploads.writers, takeovers = counting_writers(10.0)
     record = create(engine)
     stale, phone = socket.socketpair()
     stale.settimeout(10)
@@ -735,19 +763,8 @@ def test_takeover_of_an_append_keeps_the_bytes_it_wrote(engine: Engine) -> None:
 def test_a_holder_without_a_socket_makes_the_newcomer_wait_then_423() -> None:
     """Nothing to cut (no connection attached): the newcomer waits `wait` seconds and gets 423
     with Retry-After; no takeover is counted; once the holder releases, the upload is free."""
-    takeovers: list[int] = []
-    writers = Writers(wait=0.5, on_takeover=lambda: takeovers.append(1))
-    holding, release = threading.Event(), threading.Event()
-
-    def holder() -> None:
-        with writers.hold(UID, None):
-            holding.set()
-            release.wait(10)
-
-    thread = threading.Thread(target=holder, daemon=True)
-    thread.start()
-    try:
-        assert holding.wait(5)
+    writers, takeovers = counting_writers(0.5)
+    with held_elsewhere(writers):
         started = time.monotonic()
         with pytest.raises(UploadBusy) as e, writers.hold(UID, None):
             pass
@@ -755,37 +772,21 @@ def test_a_holder_without_a_socket_makes_the_newcomer_wait_then_423() -> None:
         assert 0.45 <= waited < 3.0, waited
         assert e.value.status == 423 and e.value.headers.get("Retry-After") == "1"
         assert takeovers == []
-    finally:
-        release.set()
-        thread.join(5)
     with writers.hold(UID, None):
         pass
 
 
 def test_a_holder_that_ignores_the_cut_still_bounds_the_wait() -> None:
     """A holder that keeps the upload although its socket was shut down: 423 after `wait`."""
-    takeovers: list[int] = []
-    writers = Writers(wait=0.5, on_takeover=lambda: takeovers.append(1))
+    writers, takeovers = counting_writers(0.5)
     stale, phone = socket.socketpair()
-    holding, release = threading.Event(), threading.Event()
-
-    def holder() -> None:
-        with writers.hold(UID, stale) as entry:
-            entry.reading, entry.progress = True, time.monotonic() - STALE_AFTER
-            holding.set()
-            release.wait(10)
-
-    thread = threading.Thread(target=holder, daemon=True)
-    thread.start()
     try:
-        assert holding.wait(5)
-        with pytest.raises(UploadBusy), writers.hold(UID, None):
-            pass
-        assert takeovers == [1]
-        assert phone.recv(1) == b""  # the cut did happen: the peer sees the connection end
+        with held_elsewhere(writers, stale, stalled=True):
+            with pytest.raises(UploadBusy), writers.hold(UID, None):
+                pass
+            assert takeovers == [1]
+            assert phone.recv(1) == b""  # the cut did happen: the peer sees the connection end
     finally:
-        release.set()
-        thread.join(5)
         stale.close()
         phone.close()
 
@@ -795,8 +796,7 @@ def test_a_live_holder_is_waited_for_not_cut(reading: bool) -> None:
     """A holder whose body is still arriving (or that is committing or answering: not reading)
     is not cut: the newcomer waits its turn. A request that sat unread in a buffer while its
     client resumed elsewhere must not cut the request that resumed."""
-    takeovers: list[int] = []
-    writers = Writers(wait=10.0, on_takeover=lambda: takeovers.append(1))
+    writers, takeovers = counting_writers(10.0)
     live, client = socket.socketpair()
     holding = threading.Event()
 
