@@ -260,17 +260,22 @@ class ResumableUploads:
                             raise storage_full()
                 if check is not None and checksum is not None and check.digest() != checksum[1]:
                     raise HTTPError(460, f"the {checksum[0]} checksum of the appended bytes does not match")
+                writer.sync()
             except BaseException as e:
                 kept = writer.offset
                 if saved is not None:  # unverifiable or wrong: the chunk goes, the offset stays
                     kept, digest = start, saved
-                writer.cut(kept)  # nothing past the hashed bytes (a short write, ENOSPC)
-                writer.sync()
+                try:
+                    writer.cut(kept)  # keep what arrived (sealed: the gathered bytes too)
+                    writer.sync()
+                except OSError as again:  # no room even for that: back to where this append began
+                    writer.cut(start)
+                    kept, digest = start, None  # the hash is rebuilt from the file when needed
+                    e = again if not isinstance(e, OSError) else e
                 attachment.digest, attachment.digest_at = digest, kept
                 if isinstance(e, OSError) and e.errno in _FULL_ERRNOS:
                     raise storage_full() from None
-                raise
-            writer.sync()
+                raise e
             attachment.digest, attachment.digest_at = digest, writer.offset
         finally:
             attachment.reading = False
