@@ -26,6 +26,7 @@ from .pipeline import PathLocks, UploadPipeline
 from .policy.paths import MAX_PATH_BYTES
 from .policy.quotas import QuotaLimits
 from .resumable import ResumableUploads, Writers
+from .services.clamav import Scanner, parse_address, startup_check
 from .services.hotcache import HotFiles
 from .services.janitor import Janitor
 from .services.metrics import ServerMetrics
@@ -76,6 +77,10 @@ class App:
         self.resumable = (ResumableUploads(partials, self.meta, self.pipeline, self.store, uploads.resumableexpiry,
                                            Writers(on_takeover=self.metrics.resumable_takeovers.inc))
                           if uploads.resumableuploadsenabled else None)
+        clamav = config.clamav
+        self.scanner = (Scanner(parse_address(clamav.clamavsocket), clamav.numscanworkers, clamav.scanfileextensions,
+                                clamav.maxscansize, clamav.failopen, clamav.largefiles, self.metrics)
+                        if clamav.clamavenabled else None)
         self.janitor = Janitor(self.store, self.meta, self.catalog, self.blobs, config.server.cleanupinterval,
                                max(config.timeouts.readtimeout, 60.0) + 60.0, self.metrics, self.resumable)
         self.warm = threading.Event()
@@ -90,6 +95,8 @@ class App:
     def start_background(self) -> None:
         """The janitor, and the precache warm-up (listening does not wait for it)."""
         self.janitor.start()
+        if self.scanner is not None:
+            threading.Thread(target=startup_check, args=(self.scanner,), name="clamd-check", daemon=True).start()
         if self.config.server.precaching:
             threading.Thread(target=self._precache, name="precache", daemon=True).start()
         else:

@@ -164,6 +164,8 @@ SCHEMA: tuple[Key, ...] = (
     _k("clamav", "scanfileextensions", "list", []),
     _k("clamav", "maxscansize", "size", "100MB"),
     _k("clamav", "failopen", "bool", False),
+    _k("clamav", "largefiles", "str", "reject",
+       help="files larger than maxscansize: reject (413) or store (stored unscanned)"),
     # [redis]
     _k("redis", "redisenabled", "bool", False, "server.redisenabled", "enabled"),
     _k("redis", "redisaddr", "str", "localhost:6379"),
@@ -201,7 +203,6 @@ SECTIONS = tuple(dict.fromkeys(k.section for k in SCHEMA))
 # release. Turning one on must never look like it worked: each is reported as a warning
 # at start and by check-config.
 NOT_YET_IMPLEMENTED = {
-    ("clamav", "clamavenabled"): "virus scanning (uploads are NOT scanned)",
     ("thumbnails", "enabled"): "thumbnails",
     ("iso", "enabled"): "ISO containers",
     ("redis", "redisenabled"): "Redis shared state",
@@ -534,6 +535,18 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"[versioning] maxversions = {config.versioning.maxversions}: must not be negative")
     if config.encryption.enabled and not config.encryption.keyfile:
         raise ConfigError("[encryption] enabled = true needs keyfile: a file of '<id> <64 hex chars>' lines")
+    clamav = config.clamav
+    if clamav.clamavenabled:
+        from .services.clamav import parse_address
+
+        try:
+            parse_address(clamav.clamavsocket)
+        except ValueError as e:
+            raise ConfigError(f"[clamav] clamavsocket: {e}") from None
+    if clamav.numscanworkers < 1:
+        raise ConfigError(f"[clamav] numscanworkers = {clamav.numscanworkers}: must be at least 1")
+    if clamav.largefiles not in ("reject", "store"):
+        raise ConfigError(f"[clamav] largefiles = {clamav.largefiles!r}: expected reject or store")
     if config.uploads.interimresponses not in INTERIM_MODES:
         raise ConfigError(f"[uploads] interimresponses = {config.uploads.interimresponses!r}: expected "
                           f"{', '.join(INTERIM_MODES)}")

@@ -45,6 +45,12 @@ class BodySource(Protocol):
     def readinto(self, buf: memoryview) -> int: ...
 
 
+class Scan(Protocol):
+    """A virus scan fed while the body arrives (services/clamav.ScanSession)."""
+
+    def feed(self, chunk: memoryview) -> None: ...
+
+
 @dataclass(frozen=True)
 class Received:
     """A body safely on disk in a private temp file, not yet visible."""
@@ -135,8 +141,9 @@ class UploadPipeline:
     # -- receiving ------------------------------------------------------------------------------
 
     def receive(self, body: BodySource, buf: memoryview, reserve: int = 0,
-                expected: Optional[int] = None) -> Received:
-        """Stream `body` into a new temp file through `buf`, hashing as it goes; fsync at the end.
+                expected: Optional[int] = None, scan: Optional[Scan] = None) -> Received:
+        """Stream `body` into a new temp file through `buf`, hashing as it goes (and handing each
+        chunk to the virus scan, when there is one); fsync at the end.
 
         Free space is re-checked as the body grows: once the bytes still to come (`expected`
         minus what arrived; 0 when unknown, as for chunked bodies) would leave less than
@@ -158,6 +165,8 @@ class UploadPipeline:
                             break
                         chunk = buf[:n]
                         digest.update(chunk)  # releases the GIL for large buffers
+                        if scan is not None:
+                            scan.feed(chunk)
                         sink.write(chunk)
                         size += n
                         if size >= next_check:

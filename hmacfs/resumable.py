@@ -285,12 +285,18 @@ class ResumableUploads:
         return writer.offset
 
     def finish(self, record: PartialRecord, attachment: Attachment, upload: Upload, buf: memoryview,
-               now: float, reserve: int = 0) -> FileRecord:
+               now: float, reserve: int = 0,
+               inspect: Optional[Callable[[int, Iterator[bytes]], None]] = None) -> FileRecord:
         """Commit a whole upload through the pipeline; the upload is then `completed` (kept so
-        a client that missed the answer learns so from HEAD) and its partial file goes."""
+        a client that missed the answer learns so from HEAD) and its partial file goes.
+        `inspect` sees the assembled plaintext first (the virus scan) and may refuse it; the
+        partial then stays (a refused upload is not resumed into a success: its bytes stay
+        what they are)."""
         size = self.offset(record)
         if size != record.length:
             raise HTTPError(400, f"the upload has {size} of {record.length} bytes")
+        if inspect is not None:
+            inspect(size, self._plaintext(record.id, size))
         if self.pipeline.keyring is None and not self.files.is_sealed(record.id):
             sha256 = self._digest(record.id, attachment, size).hexdigest()
             temp = self.store.temp_name()

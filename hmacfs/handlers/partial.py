@@ -10,7 +10,7 @@ with a dot are refused). Its URL is the capability: requests on it need no signa
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Optional, Union
+from typing import TYPE_CHECKING, Iterator, Optional, Union
 
 from ..errors import HTTPError
 from ..http.body import ChunkedBody, LengthBody
@@ -82,12 +82,25 @@ def finish_upload(app: App, record: PartialRecord, attachment: Attachment, start
     assert app.resumable is not None
     now = time.time()
     upload = pipeline_upload(app, record.path, record.content_type, record.file_expires, record.uploader, now)
+    scanner = app.scanner
+
+    def scan(size: int, blocks: Iterator[bytes]) -> None:
+        if scanner is None:
+            return
+        try:
+            scanner.scan(record.path, size, blocks)  # the assembled file, before the commit
+        except HTTPError as err:
+            if err.status == 422:  # infected: its bytes are of no use to anyone
+                app.resumable.cancel(record)  # type: ignore[union-attr]
+            raise
+
     try:
         if app.pipeline.keyring is None:  # committed by a hard link: no buffer needed
-            stored = app.resumable.finish(record, attachment, upload, memoryview(bytearray(0)), now)
+            stored = app.resumable.finish(record, attachment, upload, memoryview(bytearray(0)), now, inspect=scan)
         else:
             with app.gate.slot(record.length) as buf:
-                stored = app.resumable.finish(record, attachment, upload, buf, now, app.config.server.minfreebytes)
+                stored = app.resumable.finish(record, attachment, upload, buf, now, app.config.server.minfreebytes,
+                                              inspect=scan)
     except HTTPError as err:
         app.metrics.upload_errors.inc(1, str(err.status))
         raise

@@ -4,10 +4,11 @@ Order of checks (all before `100 Continue`, so a refused client never sends its 
 nothing is written and no worker slot is held for a request that is not authorized):
 framing (411; a chunked body only for v3 and JWT) -> signature (401/403/410/413) -> size
 limit (413) -> extension (415) -> existing file (409; 403 through a symlink out of the root)
--> free space (507) -> quotas (507 naming the quota) -> worker slot (503). As the body
-arrives, the size limit and the free space are enforced again (413/507), and the upload
-is committed whole or not at all. With versioning on, an existing file is kept as a
-version instead of a 409.
+-> free space (507) -> quotas (507 naming the quota) -> worker slot (503) -> virus scanner
+(413 too large to scan, 503 clamd down). As the body arrives, the size limit and the free
+space are enforced again (413/507) and every chunk also goes to clamd; the verdict comes
+right after the last byte (422 when infected), and the upload is committed whole or not at
+all. With versioning on, an existing file is kept as a version instead of a 409.
 """
 from __future__ import annotations
 
@@ -133,14 +134,24 @@ def _put(app: App, ex: Exchange, signed_path: str):
     upload = pipeline_upload(app, signed_path, admitted.content_type, admitted.file_expires, admitted.uploader,
                              time.time())
     with app.gate.slot(declared) as buf:
-        ex.send_continue()
-        body = request_body(ex, grant.size if grant.size is not None else app.config.uploads.maxuploadsize)
+        scan = app.scanner.begin(signed_path, declared) if app.scanner is not None else None  # 413/503 first
         try:
-            received = app.pipeline.receive(body, buf, app.config.server.minfreebytes, declared)
-        finally:
-            ex.req.body_consumed = body.complete
+            ex.send_continue()
+            body = request_body(ex, grant.size if grant.size is not None else app.config.uploads.maxuploadsize)
+            try:
+                received = app.pipeline.receive(body, buf, app.config.server.minfreebytes, declared, scan)
+            finally:
+                ex.req.body_consumed = body.complete
 
-        record = app.pipeline.commit(received, upload, lambda r: grant.check_final_size(r.size))
+            def last_checks(r: pipeline.Received) -> None:
+                grant.check_final_size(r.size)
+                if scan is not None:
+                    scan.verdict()  # 422 when infected: nothing is stored
+
+            record = app.pipeline.commit(received, upload, last_checks)
+        finally:
+            if scan is not None:
+                scan.close()
     return record, grant
 
 

@@ -208,6 +208,8 @@ class ServerMetrics:
                                                  "Requests that took an upload over from a stale one."))
         self.resumable_removed = r.add(Counter("hmacfs_resumable_uploads_expired_total",
                                                "Unfinished resumable uploads removed on expiry."))
+        self.scans = r.add(Counter("hmacfs_virus_scans_total", "Virus scans by result (clean, infected, "
+                                   "unscanned, too_large, error).", ("result",)))
 
     def watch_storage(self, app) -> None:
         """Gauges of the store and the metadata (no uploader in any label), read at most every

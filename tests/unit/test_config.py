@@ -164,8 +164,8 @@ def test_shipped_config_loads_cleanly() -> None:
 
 
 def test_enabled_but_unimplemented_features_are_reported(tmp_path: Path) -> None:
-    cfg = load_text(tmp_path, f'[clamav]\nclamavenabled = true\n[security]\nsecret = "{STRONG}"\n')
-    assert any("clamavenabled" in p and "NOT scanned" in p for p in cfg.pending)
+    cfg = load_text(tmp_path, f'[thumbnails]\nenabled = true\n[security]\nsecret = "{STRONG}"\n')
+    assert any("thumbnails" in p and "not implemented" in p for p in cfg.pending)
     assert load_text(tmp_path, f'[security]\nsecret = "{STRONG}"\n').pending == ()
 
 
