@@ -289,9 +289,9 @@ class ResumableUploads:
                inspect: Optional[Callable[[int, Iterator[bytes]], None]] = None) -> FileRecord:
         """Commit a whole upload through the pipeline; the upload is then `completed` (kept so
         a client that missed the answer learns so from HEAD) and its partial file goes.
-        `inspect` sees the assembled plaintext first (the virus scan) and may refuse it; the
-        partial then stays (a refused upload is not resumed into a success: its bytes stay
-        what they are)."""
+        `inspect` sees the assembled plaintext first (the virus scan) and may refuse it by
+        raising: then nothing is committed, and what becomes of the partial is the caller's
+        choice (an infected one is cancelled)."""
         size = self.offset(record)
         if size != record.length:
             raise HTTPError(400, f"the upload has {size} of {record.length} bytes")
