@@ -23,6 +23,7 @@ from .http.exchange import CorsPolicy
 from .http.router import Router
 from .meta import SqliteMeta
 from .pipeline import PathLocks, UploadPipeline
+from .policy.guard import Guard, GuardSettings
 from .policy.paths import MAX_PATH_BYTES
 from .policy.quotas import QuotaLimits
 from .resumable import ResumableUploads, Writers
@@ -89,6 +90,7 @@ class App:
         # Encrypted downloads hold two segment buffers (2 MiB) each: bounded like uploads.
         self.decrypt_slots = threading.BoundedSemaphore(max(8, 2 * self.workers))
         self.cors = CorsPolicy(config.cors.allowedorigins)
+        self.guard = Guard(GuardSettings.from_config(config), self.meta, self.metrics)  # lists, bans, limits
         self.draining = False
         self.router = self._routes()
 
@@ -142,6 +144,7 @@ class App:
         self.secrets = config.secrets
         self.jwt_secrets = config.jwt_secrets
         self.delete_secret = config.security.deletesecret
+        self.guard.configure(GuardSettings.from_config(config))  # IP lists, rate limits, ban rules
         if config.encryption.enabled and self.keyring is not None and config.encryption == self.config.encryption:
             try:  # a rotated keyfile: new uploads under its first key, every key readable
                 self.keyring = self.pipeline.keyring = load_keyring(config)

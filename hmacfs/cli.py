@@ -1,10 +1,10 @@
 """Command line: `hmacfs [-config FILE] [serve | sign | check-config | version | files | usage |
-reindex | rekey]`.
+reindex | rekey | bans]`.
 
 Single-dash long options (`-config`, `-version`) are accepted as the seeds' Go server
 spells them, next to the usual `--config`. The store-management verbs (`files list`,
-`files delete`, `usage`, `reindex`, `rekey`) work beside a running server through the same
-metadata (see manage.py); they print what they did and exit 0, 2 for a usage or config
+`files delete`, `usage`, `reindex`, `rekey`, `bans list`, `bans remove`) work beside a running
+server through the same metadata (see manage.py); they print what they did and exit 0, 2 for a usage or config
 error, 1 when the store cannot be opened or the work fails.
 """
 from __future__ import annotations
@@ -27,8 +27,8 @@ from .units import parse_duration
 if TYPE_CHECKING:
     from .manage import Tools
 
-VERBS = ("serve", "sign", "check-config", "version", "files", "usage", "reindex", "rekey")
-MANAGE_VERBS = ("files", "usage", "reindex", "rekey")
+VERBS = ("serve", "sign", "check-config", "version", "files", "usage", "reindex", "rekey", "bans")
+MANAGE_VERBS = ("files", "usage", "reindex", "rekey", "bans")
 SINGLE_DASH = {"-config": "--config", "-version": "--version", "-help": "--help"}
 
 
@@ -109,6 +109,23 @@ def _add_manage_parsers(sub, cfg_help: str) -> None:
     rekey.add_argument("--config", "-c", dest="sub_config", metavar="FILE", help=cfg_help)
     rekey.add_argument("--dry-run", action="store_true", help="list the files that would be re-encrypted")
     rekey.add_argument("--json", action="store_true", help="print the counts as one JSON object")
+    _add_bans_parsers(sub, cfg_help)
+
+
+def _add_bans_parsers(sub, cfg_help: str) -> None:
+    """`bans list`, `bans remove ADDR`: the bans of [security] banenabled, beside a running server."""
+    bans = sub.add_parser("bans", help="list or lift bans after repeated auth failures (works while the server runs)",
+                          description="The addresses banned after repeated authentication failures "
+                          "([security] banenabled), as the server stores them.")
+    bans_sub = bans.add_subparsers(dest="bans_verb", metavar="{list,remove}")
+    listing = bans_sub.add_parser("list", help="list the bans in force")
+    listing.add_argument("--json", action="store_true", help="print one JSON list")
+    remove = bans_sub.add_parser("remove", help="lift a ban (a running server follows within a second)",
+                                 description="Lift the ban of an address. An IPv6 address lifts the ban of "
+                                 "its /64 (bans are kept per /64).")
+    remove.add_argument("address", metavar="ADDR", help="an IPv4 or IPv6 address, or an IPv6 /64")
+    for parser in (listing, remove):
+        parser.add_argument("--config", "-c", dest="sub_config", metavar="FILE", help=cfg_help)
 
 
 def _resolve_config_path(args: argparse.Namespace) -> Optional[str]:
@@ -257,11 +274,15 @@ def _manage(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     from . import manage
     from .errors import HTTPError
 
-    verb = args.verb if args.verb != "files" else f"files {args.files_verb or ''}".strip()
+    sub_verb = getattr(args, f"{args.verb}_verb", None) if args.verb in ("files", "bans") else None
+    verb = f"{args.verb} {sub_verb or ''}".strip()
     for w in cfg.warnings:
         print(f"hmacfs: warning: {w}", file=sys.stderr)
     if args.verb == "files" and not args.files_verb:
         print("hmacfs files: give 'list' or 'delete' (see hmacfs files --help)", file=sys.stderr)
+        return 2
+    if args.verb == "bans" and not args.bans_verb:
+        print("hmacfs bans: give 'list' or 'remove ADDR' (see hmacfs bans --help)", file=sys.stderr)
         return 2
     try:
         older_than = _older_than(args)
@@ -269,6 +290,8 @@ def _manage(cfg: config_mod.Config, args: argparse.Namespace) -> int:
             _check_selectors(args, older_than)
         tools = manage.open_store(cfg, keys=args.verb in ("reindex", "rekey"))
         try:
+            if args.verb == "bans":
+                return _bans(tools, args)
             if args.verb == "usage":
                 return _usage(tools, args)
             if args.verb == "reindex":
@@ -449,3 +472,32 @@ def _rekey(tools: Tools, args: argparse.Namespace) -> int:
                   f"repaired, {report.current} already current, {report.failed} failed, {report.remaining} "
                   "left under an older key", file=sys.stderr)
     return 1 if report.failed or report.remaining else 0
+
+
+def _bans(tools: Tools, args: argparse.Namespace) -> int:
+    """`bans list` (those in force, the longest first) and `bans remove ADDR`."""
+    from .manage import UsageError, iso
+    from .policy.bans import ban_key
+
+    now = time.time()
+    if args.bans_verb == "list":
+        bans = tools.meta.bans_active(now)
+        if args.json:
+            _print_json_list({"address": b.address, "until": iso(b.until), "created": iso(b.created),
+                              "failures": b.failures, "reason": b.reason} for b in bans)
+            return 0
+        _print_table(("ADDRESS", "UNTIL", "SINCE", "FAILURES", "LAST FAILURE"),
+                     ((b.address, iso(b.until) or "-", iso(b.created) or "-", str(b.failures), b.reason or "-")
+                      for b in bans), right=(3,))
+        return 0
+    try:
+        key = ban_key(args.address)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    ban = tools.meta.ban_get(key)
+    if not tools.meta.ban_remove(key) or ban is None or ban.until <= now:
+        print(f"hmacfs bans remove: {key} is not banned", file=sys.stderr)
+        return 1
+    print(f"hmacfs bans remove: lifted the ban of {key} (a running server follows within a second)",
+          file=sys.stderr)
+    return 0

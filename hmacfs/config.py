@@ -122,13 +122,15 @@ SCHEMA: tuple[Key, ...] = (
     _k("security", "jwtexpiration", "duration", "24h", "jwtexpiry", compat=True),
     _k("security", "deletesecret", "secret", "", secret=True),
     _k("security", "ratelimitingenabled", "bool", False, "server.ratelimitingenabled"),
-    _k("security", "maxrequestsperminute", "int", 120, "server.maxrequestsperminute"),
+    _k("security", "maxrequestsperminute", "int", 120, "server.maxrequestsperminute",
+       help="requests per client address (and per JWT sub) per minute, in bursts up to that many"),
+    _k("security", "ratelimitexempt", "list", [], help="CIDRs never rate limited"),
     _k("security", "banenabled", "bool", False),
-    _k("security", "banthreshold", "int", 10),
+    _k("security", "banthreshold", "int", 10, help="auth failures within banwindow that ban the address"),
     _k("security", "banwindow", "duration", "10m"),
     _k("security", "banduration", "duration", "1h"),
-    _k("security", "allowips", "list", []),
-    _k("security", "denyips", "list", []),
+    _k("security", "allowips", "list", [], help="CIDRs allowed to use the server; empty: everyone"),
+    _k("security", "denyips", "list", [], help="CIDRs refused (403)"),
     # [encryption]
     _k("encryption", "enabled", "bool", False),
     _k("encryption", "keyfile", "str", "", "key", secret=True),
@@ -206,8 +208,6 @@ NOT_YET_IMPLEMENTED = {
     ("thumbnails", "enabled"): "thumbnails",
     ("iso", "enabled"): "ISO containers",
     ("redis", "redisenabled"): "Redis shared state",
-    ("security", "ratelimitingenabled"): "rate limiting",
-    ("security", "banenabled"): "IP bans",
     ("server", "networkevents"): "network event monitoring",
 }
 
@@ -486,8 +486,6 @@ def from_dict(raw: Mapping[str, Any], source: str = "<dict>",
                for (sec, name), what in NOT_YET_IMPLEMENTED.items() if getattr(sections[sec], name)]
     if sections["storage"].backend == "s3":
         pending.append("[storage] backend = \"s3\": the S3 backend is not implemented in this version")
-    if sections["security"].allowips or sections["security"].denyips:
-        pending.append("[security] allowips/denyips: IP lists are not enforced in this version")
     config = Config(sections=sections, source=source, warnings=tuple(warnings), notes=tuple(notes),
                     pending=tuple(pending))
     _validate(config)
@@ -501,6 +499,7 @@ INTERIM_MODES = ("always", "direct", "never")
 
 def _validate(config: Config) -> None:
     """Cross-key rules that a single value cannot express."""
+    _validate_guard(config.security)
     s, sec = config.server, config.security
     if s.loglevel.lower() not in ("debug", "info", "warn", "warning", "error"):
         raise ConfigError(f"[server] loglevel = {s.loglevel!r}: expected debug, info, warn or error")
@@ -513,8 +512,6 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"[server] listenport/metricsport: {e}") from None
     for name in ("trustedproxies",):
         _check_cidrs("server", name, getattr(s, name))
-    for name in ("allowips", "denyips"):
-        _check_cidrs("security", name, getattr(sec, name))
     if config.workers.numworkers < 1:
         raise ConfigError(f"[workers] numworkers = {config.workers.numworkers}: must be at least 1")
     if config.workers.uploadqueuesize < 0:
@@ -558,6 +555,22 @@ def _validate(config: Config) -> None:
         raise ConfigError("[server] cleanupinterval: at least 1s")
     if config.storage.backend not in ("local", "s3"):
         raise ConfigError(f"[storage] backend = {config.storage.backend!r}: expected local or s3")
+
+
+def _validate_guard(sec: Any) -> None:
+    """IP lists, rate limits and bans (policy/guard.py): numbers checked when their feature is on,
+    so an old config that turns one off with a 0 still loads."""
+    for name in ("allowips", "denyips", "ratelimitexempt"):
+        _check_cidrs("security", name, getattr(sec, name))
+    if sec.ratelimitingenabled and sec.maxrequestsperminute < 1:
+        raise ConfigError(f"[security] maxrequestsperminute = {sec.maxrequestsperminute}: at least 1 "
+                          "(or ratelimitingenabled = false)")
+    if sec.banenabled:
+        if sec.banthreshold < 1:
+            raise ConfigError(f"[security] banthreshold = {sec.banthreshold}: at least 1 (or banenabled = false)")
+        for name in ("banwindow", "banduration"):
+            if getattr(sec, name) <= 0:
+                raise ConfigError(f"[security] {name}: more than 0s (e.g. \"10m\")")
 
 
 def _check_cidrs(section: str, name: str, items: list[str]) -> None:

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Iterator, Optional
 from ..auth import RequestFacts
 from ..errors import HTTPError
 from ..http.exchange import Exchange
+from ..policy.guard import mark_auth_failure
 
 if TYPE_CHECKING:
     from ..app import App
@@ -23,13 +24,19 @@ def request_facts(app: App, ex: Exchange, signed_path: str, content_length: Opti
                         content_length=content_length)
 
 
+AUTH_FAILURE_STATUSES = frozenset({400, 401, 403, 410})
+
+
 @contextmanager
 def auth_failures_counted(app: App) -> Iterator[None]:
-    """Count every signature check that refuses the request (later it feeds rate limits and bans)."""
+    """Count every signature check that refuses the request, and mark its error: the connection,
+    which knows the client and the request line, reports it to the guard (the fail2ban line,
+    bans), so handlers need not know about either."""
     try:
         yield
     except HTTPError as err:
-        if err.status in (400, 401, 403, 410):
+        if err.status in AUTH_FAILURE_STATUSES:
             app.metrics.auth_failures.inc(1, str(err.status))
+            mark_auth_failure(err)
         raise
 

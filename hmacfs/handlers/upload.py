@@ -88,6 +88,7 @@ def admit_upload(app: App, ex: Exchange, signed_path: str, length: Optional[int]
     now = time.time()
     with auth_failures_counted(app):
         grant = auth.authorize_upload(app.secrets, app.jwt_secrets, facts, now)
+    app.guard.charge_uploader(grant.uploader, ex.req.client)  # the rate limit per JWT sub (429)
     declared = length if length is not None else grant.size
     limit = cfg.uploads.maxuploadsize
     if declared is not None and declared > limit:

@@ -22,6 +22,7 @@ from http.server import BaseHTTPRequestHandler
 from typing import TYPE_CHECKING, Optional
 
 from ..errors import HTTPError
+from ..policy.guard import is_auth_failure
 from ..policy.paths import split_target
 from ..services.logs import printable, printable_path
 from .clientaddr import client_address, in_networks
@@ -104,10 +105,17 @@ class ConnectionHandler(BaseHTTPRequestHandler):
         req.via_proxy = peer == "unix" or in_networks(peer, server.trusted_proxies)
         ex = Exchange(req, self.connection, server.app.cors, server.app)
         conn.busy(server.timeouts.readtimeout if head.has_body else server.timeouts.writetimeout)
+        # IP lists, bans and rate limits (policy/guard.py); not on the metrics listener, whose
+        # router has no file routes (prefix None): that port is the operator's.
+        guard = server.app.guard if server.router.prefix is not None else None
         try:
             req.raw_path, req.query = split_target(head.target)
+            if guard is not None:
+                guard.admit(client, service=req.raw_path in server.router.services)
             server.router.dispatch(server.app, ex)
         except HTTPError as err:
+            if guard is not None and is_auth_failure(err):
+                guard.auth_failed(client, req.method, server.router.log_path(req.raw_path), err)
             self._fail(ex, err)
         except (ConnectionError, TimeoutError, socket.timeout) as e:
             ex.close_after = True

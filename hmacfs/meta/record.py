@@ -70,6 +70,20 @@ class PartialRecord:
 
 
 @dataclass(frozen=True)
+class BanRecord:
+    """An address shut out after repeated authentication failures (policy/bans.py).
+
+    Kept in the metadata so a ban outlives a restart: an attacker must not get a fresh
+    start by crashing or waiting out a deploy."""
+
+    address: str               # what the guard keys on: an IPv4 address or an IPv6 /64
+    until: float               # unix time the ban ends
+    created: float
+    failures: int              # failures that led to it (banthreshold at the time)
+    reason: str = ""           # the last refusal, for `hmacfs bans list`
+
+
+@dataclass(frozen=True)
 class Usage:
     """Stored bytes and files of one uploader (current files and kept versions), logical sizes."""
 
@@ -78,7 +92,17 @@ class Usage:
     bytes: int
 
 
-class MetaStore(Protocol):
+class BanStore(Protocol):
+    """What the ban list needs from a metadata backend (policy/bans.py, `hmacfs bans`)."""
+
+    def ban_put(self, ban: BanRecord) -> None: ...
+    def ban_get(self, address: str) -> Optional[BanRecord]: ...
+    def ban_remove(self, address: str) -> bool: ...
+    def bans_active(self, now: float) -> list[BanRecord]: ...
+    def bans_purge(self, now: float) -> int: ...
+
+
+class MetaStore(BanStore, Protocol):
     """What the pipeline, the handlers and the janitor need from a metadata backend."""
 
     def get(self, path: str) -> Optional[FileRecord]: ...

@@ -21,14 +21,14 @@ from contextlib import contextmanager
 from typing import Callable, Iterator, Optional
 
 from ..errors import StartupError, storage_full
-from .record import FileRecord, PartialRecord, Usage, VersionRecord
+from .record import BanRecord, FileRecord, PartialRecord, Usage, VersionRecord
 
 log = logging.getLogger("hmacfs")
 SQLITE_FULL = 13
 MIN_SQLITE = (3, 35, 0)  # DELETE/INSERT ... RETURNING (Debian 12, Ubuntu 22.04 and later ship newer)
 MAX_DB_PATH_BYTES = 504  # SQLite's unix VFS caps path names at 512 bytes, "-journal" included
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 TOTAL = "\x00total"  # the usage row that counts every file (no uploader can be named so)
 FILE_COLUMNS = ("path, size, content_type, sha256, created, mtime_ns, expires, uploader, version, blob, ref, "
                 "encrypted")
@@ -98,6 +98,19 @@ CREATE TABLE IF NOT EXISTS partials (
 );
 CREATE INDEX IF NOT EXISTS partials_expires ON partials (expires);
 """
+
+# Version 4: bans after repeated authentication failures (policy/bans.py), kept across restarts.
+V4 = """
+CREATE TABLE IF NOT EXISTS bans (
+    address TEXT PRIMARY KEY,
+    until REAL NOT NULL,
+    created REAL NOT NULL,
+    failures INTEGER NOT NULL,
+    reason TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS bans_until ON bans (until);
+"""
+BAN_COLUMNS = "address, until, created, failures, reason"
 
 # Usage rows follow every insert, update and delete of files and versions, in the same
 # transaction, whoever writes (the server or the `hmacfs files` tools).
@@ -170,7 +183,7 @@ class SqliteMeta:
             self._db.execute(VERSIONS_BY_LOCATION)
             return
         steps = (TABLES + V2 + _USAGE_TRIGGERS if found < 2 else "") + VERSIONS_BY_LOCATION + ";"
-        script = f"BEGIN IMMEDIATE;{steps}{V3}PRAGMA user_version = {SCHEMA_VERSION};COMMIT;"
+        script = f"BEGIN IMMEDIATE;{steps}{V3}{V4}PRAGMA user_version = {SCHEMA_VERSION};COMMIT;"
         try:
             self._db.executescript(script)
         except BaseException:
@@ -428,6 +441,31 @@ class SqliteMeta:
 
     def partial_ids(self) -> set[str]:
         return {row[0] for row in self._execute("SELECT id FROM partials")}
+
+
+    # -- bans -------------------------------------------------------------------------------------
+
+    def ban_put(self, ban: BanRecord) -> None:
+        """Insert or replace the ban of `ban.address` (a renewed ban moves its end)."""
+        self._execute(f"INSERT OR REPLACE INTO bans ({BAN_COLUMNS}) VALUES (?, ?, ?, ?, ?)",
+                      (ban.address, ban.until, ban.created, ban.failures, ban.reason))
+
+    def ban_get(self, address: str) -> Optional[BanRecord]:
+        rows = self._execute(f"SELECT {BAN_COLUMNS} FROM bans WHERE address = ?", (address,))
+        return BanRecord(*rows[0]) if rows else None
+
+    def ban_remove(self, address: str) -> bool:
+        return bool(self._execute("DELETE FROM bans WHERE address = ? RETURNING address", (address,)))
+
+    def bans_active(self, now: float) -> list[BanRecord]:
+        """Bans still in force at `now`, the longest-running first."""
+        rows = self._execute(f"SELECT {BAN_COLUMNS} FROM bans WHERE until > ? ORDER BY until DESC, address",
+                             (now,))
+        return [BanRecord(*row) for row in rows]
+
+    def bans_purge(self, now: float) -> int:
+        """Remove bans that ended by `now`; returns how many."""
+        return len(self._execute("DELETE FROM bans WHERE until <= ? RETURNING address", (now,)))
 
 
 def _partial(row: tuple) -> PartialRecord:

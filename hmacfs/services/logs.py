@@ -3,6 +3,19 @@
 The access log (logger `hmacfs.access`) carries method, path without the query string
 (it holds signatures), status, bytes, duration and client address. Nothing logs a secret
 or a MAC: requests are logged from their path only, and config output masks secrets.
+
+The auth log (logger `hmacfs.auth`, level WARNING) has one line per failed signature check,
+in a format that fail2ban's filter (contrib/fail2ban/filter.d/hmacfs.conf) matches and that
+therefore must not change:
+
+    auth failure client=<address> status=<3 digits> method=<method> reason="<text>" path=<path>
+
+The client address comes first, right after fixed text, so nothing a client sends (the
+path, last) can stand where the filter looks for the address. Bans are logged there too, as
+`ban client=... until=...`, which the filter does not match. fail2ban strips the timestamp and
+takes a line without one as a line all the same, so no line may start with text a client
+chose: plain-text records that span lines (tracebacks) have every line after the first
+marked with `  | ` (`LineFormatter`), and JSON records are one line by construction.
 """
 from __future__ import annotations
 
@@ -18,6 +31,23 @@ from typing import Optional
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING,
           "warning": logging.WARNING, "error": logging.ERROR}
 _FIELDS = ("client", "method", "path", "status", "bytes", "duration_ms")
+auth_log = logging.getLogger("hmacfs.auth")
+
+
+CONTINUATION = "\n  | "
+
+
+class LineFormatter(logging.Formatter):
+    """The plain-text format, one log line per record start: any line after a record's first
+    (a traceback, an exception message with a line break in it) begins with `  | `, so it can
+    never pass for a record of its own, to a reader or to fail2ban."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        if text.isprintable():
+            return text
+        lines = text.splitlines()
+        return CONTINUATION.join(lines) if len(lines) > 1 else text
 
 
 class JsonFormatter(logging.Formatter):
@@ -51,7 +81,7 @@ def setup_logging(level: str = "info", logfile: str = "", as_json: bool = False,
     if as_json:
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(LineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.addHandler(handler)
     root.propagate = False
     set_level(level)
@@ -87,6 +117,22 @@ def printable(text: str) -> str:
 def printable_path(raw: bytes) -> str:
     """A raw request path for the log: UTF-8 shown as text, anything else as escaped bytes."""
     return printable(raw.decode("utf-8", "surrogateescape"))
+
+
+def auth_failure_message(client: str, status: int, method: str, raw_path: bytes, reason: str) -> str:
+    """The fail2ban line (see the module docstring); `raw_path` without its query (signatures)."""
+    quoted = printable(reason).replace('"', '\\"')
+    return (f"auth failure client={printable(client)} status={int(status):03d} method={printable(method)} "
+            f'reason="{quoted}" path={printable_path(raw_path)}')
+
+
+def log_auth_failure(client: str, status: int, method: str, raw_path: bytes, reason: str) -> None:
+    """One WARNING line on `hmacfs.auth` for a failed signature check. JSON logs also get `client`
+    and `status` as fields (not `method` and `path`: a reader that takes records with those for
+    access lines must not count a request twice)."""
+    if auth_log.isEnabledFor(logging.WARNING):
+        auth_log.warning("%s", auth_failure_message(client, status, method, raw_path, reason),
+                         extra={"client": client, "status": status})
 
 
 class AccessLog:

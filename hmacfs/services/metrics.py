@@ -208,6 +208,13 @@ class ServerMetrics:
                                                  "Requests that took an upload over from a stale one."))
         self.resumable_removed = r.add(Counter("hmacfs_resumable_uploads_expired_total",
                                                "Unfinished resumable uploads removed on expiry."))
+        self.denied_requests = r.add(Counter("hmacfs_denied_requests_total",
+                                             "Requests refused by allowips or denyips.", ("list",)))
+        self.banned_requests = r.add(Counter("hmacfs_banned_requests_total",
+                                             "Requests refused because their address is banned."))
+        self.bans = r.add(Counter("hmacfs_bans_total", "Addresses banned after repeated auth failures."))
+        self.ratelimited = r.add(Counter("hmacfs_ratelimited_total", "Requests refused by the rate limit (429).",
+                                         ("scope",)))
         self.scans = r.add(Counter("hmacfs_virus_scans_total", "Virus scans by result (clean, infected, "
                                    "unscanned, too_large, error).", ("result",)))
 

@@ -306,8 +306,6 @@ def test_forwarded_for_from_untrusted_peer_is_ignored(hmacfs: HmacfsProcess) -> 
     assert access_clients(hmacfs, "PUT", name) == ["127.0.0.77"], hmacfs.log()[-3000:]
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="hmacfs parses [security] denyips but does not enforce it yet")
 def test_denyips_applies_to_the_client_behind_nginx(nginx: Front, tls: Tls) -> None:
     """The forwarded address is what access rules see: a denied client is refused through the proxy."""
     name = "denied.png"
