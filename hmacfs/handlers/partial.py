@@ -38,6 +38,8 @@ def create_upload(app: App, ex: Exchange, signed_path: str, length: int, protoco
     bytes (application/offset+octet-stream, application/partial-upload)."""
     try:
         admitted = admit_upload(app, ex, signed_path, length, method="PUT", content_type=declared_type or "")
+        if app.scanner is not None:
+            app.scanner.refuses(signed_path, length)  # too large to scan: refused now, not after every byte
     except HTTPError as err:
         app.metrics.upload_errors.inc(1, str(err.status))
         raise
@@ -90,7 +92,7 @@ def finish_upload(app: App, record: PartialRecord, attachment: Attachment, start
         try:
             scanner.scan(record.path, size, blocks)  # the assembled file, before the commit
         except HTTPError as err:
-            if err.status == 422:  # infected: its bytes are of no use to anyone
+            if err.status in (413, 422):  # infected or too large to scan: its bytes are of no use
                 app.resumable.cancel(record)  # type: ignore[union-attr]
             raise
 

@@ -35,6 +35,10 @@ class ClamdError(Exception):
     """clamd could not be reached, or answered something that is not a verdict."""
 
 
+class StreamTooLong(ClamdError):
+    """clamd refused the stream as longer than its StreamMaxLength."""
+
+
 @dataclass(frozen=True)
 class ScanResult:
     infected: bool
@@ -42,9 +46,14 @@ class ScanResult:
 
 
 def parse_scan_reply(reply: bytes) -> ScanResult:
-    """clamd's answer to one INSTREAM: `stream: OK` or `stream: <signature> FOUND` (ended by
-    NUL or newline); anything else (an `ERROR`, a size limit, garbage) is a ClamdError."""
-    text = reply.rstrip(b"\0\n").decode("utf-8", "replace")
+    """clamd's answer to one INSTREAM: `stream: OK` or `stream: <signature> FOUND`, ended by NUL
+    or newline; anything else (an `ERROR`, a size limit, garbage, a reply cut short: `stream: OK`
+    may be the start of `stream: OKBot FOUND`) is a ClamdError."""
+    if not reply.endswith((b"\0", b"\n")):
+        raise ClamdError("clamd's reply was cut short")
+    text = reply[:-1].decode("utf-8", "replace")
+    if text.startswith("INSTREAM size limit exceeded"):
+        raise StreamTooLong(text)
     if "\0" in text or "\n" in text or not text.startswith("stream: "):
         raise ClamdError(f"unexpected clamd reply {text[:200]!r}")
     verdict = text[len("stream: "):]
@@ -63,11 +72,16 @@ def parse_address(spec: str) -> Address:
     if text.startswith("tcp://"):
         text = text[len("tcp://"):]
     elif text.startswith(("/", ".", "unix:")):
-        return text[len("unix:"):] if text.startswith("unix:") else text
+        path = text[len("unix:"):] if text.startswith("unix:") else text
+        if not path:
+            raise ValueError(f"{spec!r}: the Unix socket path is empty")
+        return path
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host:
+    host = host.strip("[]")
+    if (not sep or not (port.isascii() and port.isdigit()) or len(port) > 5 or not 0 < int(port) < 65536
+            or not host or any(c.isspace() for c in host)):
         raise ValueError(f"{spec!r}: expected a Unix socket path or host:port")
-    return host.strip("[]"), int(port)
+    return host, int(port)
 
 
 def _connect(address: Address, timeout: float) -> socket.socket:
@@ -162,6 +176,20 @@ class ScanSession:
             self.sent += len(chunk)
         except OSError as e:
             self.failure = f"clamd connection failed mid-scan: {e}"
+            self._why_closed()
+
+    def _why_closed(self) -> None:
+        """clamd closes a stream longer than its StreamMaxLength after saying so: read that."""
+        try:
+            assert self.sock is not None
+            self.sock.settimeout(1.0)
+            parse_scan_reply(_read_reply(self.sock))
+        except StreamTooLong:
+            self.too_large, self.failure = True, None
+            log.warning("virus scan: clamd's StreamMaxLength is below [clamav] maxscansize (%d bytes): "
+                        "raise it, or lower maxscansize", self.scanner.max_size)
+        except (OSError, ClamdError):
+            pass
 
     def feed_all(self, blocks: Iterable[bytes]) -> None:
         for block in blocks:
@@ -172,22 +200,22 @@ class ScanSession:
         scan, when such files are refused) or 503 (clamd failed and `failopen` is off)."""
         scanner = self.scanner
         try:
-            if self.too_large:
-                if scanner.large_files == "reject":
-                    scanner.count("too_large")
-                    raise HTTPError(413, f"files larger than {scanner.max_size} bytes cannot be scanned here")
-                scanner.unscanned(self.path, "larger than maxscansize")
-                return
-            if self.failure is None:
+            if not self.too_large and self.failure is None:
                 try:
                     assert self.sock is not None
                     self.sock.sendall(struct.pack(">I", 0))
                     result = parse_scan_reply(_read_reply(self.sock))
+                except StreamTooLong:
+                    self.too_large = True  # clamd's StreamMaxLength: as any file too large to scan
                 except (OSError, ClamdError) as e:
                     self.failure = str(e)
                 else:
                     scanner.found(self.path, result)
                     return
+            if self.too_large:
+                scanner.refuses(self.path, scanner.max_size + 1)
+                scanner.unscanned(self.path, "larger than maxscansize")
+                return
             scanner.failed(self.path, self.failure)
         finally:
             self.close()
@@ -216,6 +244,13 @@ class Scanner:
         """`scanfileextensions` empty: every file; else only those extensions."""
         return not self.extensions or extension_allowed(signed_path, self.extensions, [])
 
+    def refuses(self, signed_path: str, size: int) -> None:
+        """413 for a file that will be too large to scan, when such files are refused: as soon as
+        its size is known (a PUT's Content-Length, a resumable upload's length at creation)."""
+        if self.wants(signed_path) and size > self.max_size and self.large_files == "reject":
+            self.count("too_large")
+            raise HTTPError(413, f"files larger than {self.max_size} bytes cannot be scanned here")
+
     def begin(self, signed_path: str, size: Optional[int]) -> Optional[ScanSession]:
         """A scan for an upload about to be received, or None when it is not scanned (its
         extension is not listed; too large and such files are stored unscanned; clamd down
@@ -223,9 +258,7 @@ class Scanner:
         if not self.wants(signed_path):
             return None
         if size is not None and size > self.max_size:
-            if self.large_files == "reject":
-                self.count("too_large")
-                raise HTTPError(413, f"files larger than {self.max_size} bytes cannot be scanned here")
+            self.refuses(signed_path, size)
             self.unscanned(signed_path, "larger than maxscansize")
             return None
         if not self.slots.acquire(timeout=SLOT_WAIT):
