@@ -467,6 +467,8 @@ def from_dict(raw: Mapping[str, Any], source: str = "<dict>",
                     values[("security", "secret")] = f.read().strip()
             except OSError as e:
                 raise ConfigError(f"[security] secretfile = {sec_file!r}: {e.strerror}") from None
+            except (ValueError, UnicodeDecodeError) as e:  # a NUL in the name, a file that is not UTF-8
+                raise ConfigError(f"[security] secretfile = {sec_file!r}: {e}") from None
         elif environ.get("HMACFS_SECRET"):
             values[("security", "secret")] = environ["HMACFS_SECRET"]
     for env_name, target in (("AWS_ACCESS_KEY_ID", ("storage", "s3accesskey")),
@@ -602,7 +604,7 @@ def render_effective(config: Config) -> str:
                 continue
             value = getattr(obj, key.name)
             if key.secret and value:
-                text = '"********"' if not isinstance(value, list) else f"[{len(value)} masked]"
+                text = '"********"' if not isinstance(value, list) else _toml_value(["********"] * len(value))
             elif key.kind in fmt:
                 text = fmt[key.kind](value)
             elif isinstance(value, bool):
@@ -618,6 +620,9 @@ def render_effective(config: Config) -> str:
 def _toml_value(value: Any) -> str:
     import json
 
+    def one(v: Any) -> str:  # TOML has no surrogate escapes (json's \ud800 pairs) and takes no raw DEL
+        return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")
+
     if isinstance(value, list):
-        return "[" + ", ".join(json.dumps(v) for v in value) + "]"
-    return json.dumps(value)
+        return "[" + ", ".join(one(v) for v in value) + "]"
+    return one(value)

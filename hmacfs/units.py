@@ -15,13 +15,14 @@ _SIZE_UNITS = {
     "t": 1024**4, "tb": 1024**4, "tib": 1024**4,
     "p": 1024**5, "pb": 1024**5, "pib": 1024**5,
 }
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+_SIZE_RE = re.compile(r"^\s*(\d{1,20}(?:\.\d{1,9})?)\s*([a-zA-Z]*)\s*$")  # bounded: no overflow
 
 _DURATION_UNITS = {
     "ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600, "d": 86400,
     "w": 7 * 86400, "y": 365 * 86400,
 }
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(ns|us|ms|s|m|h|d|w|y)", re.IGNORECASE)
+_DURATION_PART = re.compile(r"(\d{1,15}(?:\.\d{1,9})?)\s*(ns|us|ms|s|m|h|d|w|y)", re.IGNORECASE)
+MAX_DURATION = 1000 * 365 * 86400.0  # a thousand years: beyond it a duration is a typo
 
 
 def parse_size(value: object) -> int:
@@ -45,13 +46,15 @@ def parse_duration(value: object) -> float:
     if isinstance(value, bool):
         raise ValueError("a duration, not a boolean")
     if isinstance(value, (int, float)):
-        if value < 0:
-            raise ValueError("a duration cannot be negative")
+        if not 0 <= value <= MAX_DURATION:  # also NaN: no deadline could ever pass
+            raise ValueError("a duration between 0 and a thousand years")
         return float(value)
     if not isinstance(value, str):
         raise ValueError("a duration such as \"30s\"")
     text = value.strip()
-    if text.isdigit():
+    if text.isascii() and text.isdigit():
+        if len(text) > 15:
+            raise ValueError("a duration between 0 and a thousand years")
         return float(text)
     pos, total = 0, 0.0
     for m in _DURATION_PART.finditer(text):
@@ -61,6 +64,8 @@ def parse_duration(value: object) -> float:
         pos = m.end()
     if pos == 0 or text[pos:].strip():
         raise ValueError("a duration such as \"3600s\", \"30m\", \"1h\", \"30d\", \"2Y\"")
+    if total > MAX_DURATION:
+        raise ValueError("a duration between 0 and a thousand years")
     return total
 
 
@@ -76,7 +81,11 @@ def format_duration(seconds: float) -> str:
     """A compact spelling of a duration in whole units where exact."""
     s = int(seconds)
     if s != seconds:
-        return f"{seconds}s"
+        for unit, factor in (("ms", 1e-3), ("us", 1e-6), ("ns", 1e-9)):
+            n = round(seconds / factor)
+            if n >= 1 and abs(n * factor - seconds) <= 1e-12 * max(1.0, seconds):
+                return f"{n}{unit}"
+        return f"{seconds:.9f}".rstrip("0") + "s"  # never an exponent: parse_duration reads it back
     for unit, factor in (("d", 86400), ("h", 3600), ("m", 60)):
         if s and s % factor == 0:
             return f"{s // factor}{unit}"

@@ -12,7 +12,12 @@ Pipeline per input, exactly as a connection would run it, minus sockets and the 
     + authorize_upload with the parsed query, path and headers,
     + the chunked body decoder when the head says `Transfer-Encoding: chunked`,
     + the resumable-upload header parsers (tus Upload-Offset/-Length/-Metadata/-Checksum, the
-      IETF draft's structured-field Upload-Complete/-Incomplete and interop version).
+      IETF draft's structured-field Upload-Complete/-Incomplete and interop version),
+    + the router: the app's routes (as hmacfs/app.py `_routes` adds them, with stub handlers
+      that only record what was chosen) under three prefixes, dispatching the request's method
+      and path through a minimal fake exchange. A file handler must get a safe signed path,
+      a resource handler only an [A-Za-z0-9_-] name (never shown whole by the access log), a
+      service handler only its exact path, and errors are only 400/404/405/414.
 `HTTPError` (and ConnectionError from a head cut short) is the expected answer; any other
 exception, or a broken invariant (an accepted head with two framings, a signed path with a
 dot segment, a range outside the file...), is a crash: libFuzzer prints the traceback and
@@ -37,11 +42,13 @@ import io
 import json.decoder  # noqa: F401 - idem
 import mimetypes  # noqa: F401 - idem
 import os
+import re
 import sys
 import tempfile
 import urllib.parse  # noqa: F401 - idem
 from pathlib import Path
-from typing import Optional
+from types import SimpleNamespace
+from typing import Callable, Optional
 
 import atheris
 
@@ -59,6 +66,7 @@ with atheris.instrument_imports(include=["hmacfs"]):
     from hmacfs.http.body import ChunkedBody
     from hmacfs.http.head import RequestHead, read_head
     from hmacfs.http.httpmsg import MAX_RANGES, clean_content_type, parse_range, parse_ranges
+    from hmacfs.http.router import Router
     from hmacfs.http.uploadheaders import (
         ChecksumError,
         parse_checksum,
@@ -67,8 +75,8 @@ with atheris.instrument_imports(include=["hmacfs"]):
         parse_sf_integer,
         parse_upload_metadata,
     )
+    from hmacfs.policy.paths import MAX_PATH_BYTES, split_target
     from hmacfs.policy.paths import signed_path as to_signed_path
-    from hmacfs.policy.paths import split_target
 
 PREFIX = "/upload/"
 MAX_HEAD = 64 * 1024
@@ -196,6 +204,109 @@ def check_upload_headers(headers: dict[str, str]) -> None:
     check(checksum is None or checksum[0] in ("md5", "sha1", "sha256"), f"checksum {checksum}")
 
 
+# --- the router ------------------------------------------------------------------------------------
+
+ROUTER_STATUSES = frozenset({400, 404, 405, 414})
+RESOURCE_DIR = ".uploads/"  # hmacfs/handlers/partial.py (not imported: it pulls in the whole app)
+
+
+def _service(label: str) -> Callable[[object, SimpleNamespace], None]:
+    def handler(_app: object, ex: SimpleNamespace) -> None:
+        ex.chosen.append(("service", label, None))
+    handler.label = label  # type: ignore[attr-defined]
+    return handler
+
+
+def _file(method: str) -> Callable[[object, SimpleNamespace, str], None]:
+    return lambda _app, ex, path: ex.chosen.append(("file", method, path))
+
+
+def _resource(_app: object, ex: SimpleNamespace, name: str) -> None:
+    ex.chosen.append(("resource", None, name))
+
+
+def build_router(prefix: str, metrics_path: Optional[str], resumable: bool) -> Router:
+    """The routes hmacfs/app.py `App._routes` adds, in its order, with recording stubs
+    (`metrics_path` None: metrics on their own port; `resumable` False: resumableuploadsenabled off).
+    tests/fuzz/test_fuzz_harness.py checks this table against a real App's."""
+    router = Router(prefix, MAX_PATH_BYTES)
+    router.add_service("/health", _service("/health"))
+    router.add_service("/ready", _service("/ready"))
+    if metrics_path is not None:
+        router.add_service(metrics_path, _service(metrics_path))
+    router.add_file_route("PUT", _file("PUT"))
+    if resumable:
+        router.add_file_route("POST", _file("POST"))
+        router.add_resource_route(prefix + RESOURCE_DIR, _resource)
+    for method in ("GET", "HEAD", "DELETE", "OPTIONS"):
+        router.add_file_route(method, _file(method))
+    return router
+
+
+def route_table(router: Router) -> dict:
+    """What a router serves, comparable between the stubs and an App (handlers left out)."""
+    return {"prefix": router.prefix,
+            "services": {p.decode(): sorted(m) for p, (m, _h) in sorted(router.services.items())},
+            "files": sorted(router.file_routes),
+            "resources": [p.decode() for p, _h in router.resource_routes]}
+
+
+def expected_services(router: Router) -> dict[bytes, str]:
+    """Service paths by the rule in router.py's docstring, not read back from its table: always
+    under /.hmacfs/, and at the bare path only when no file path could take it."""
+    prefix = router.prefix or ""
+    out = {}
+    for label in {h.label for _m, h in router.services.values()}:
+        out[("/.hmacfs" + label).encode()] = label
+        if not label.startswith(prefix) and label + "/" != prefix:
+            out[label.encode()] = label
+    return out
+
+
+ROUTERS = [build_router("/upload/", "/metrics", True),    # the default layout
+           build_router("/", "/metrics", True),           # all under the prefix: services only in /.hmacfs/
+           build_router("/a/b/", "/a/b/metrics", False)]  # metrics under the prefix, resumable uploads off
+SERVICES = [expected_services(r) for r in ROUTERS]
+RESOURCE_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def check_router(router: Router, services: dict[bytes, str], method: str, raw_path: bytes,
+                 query: dict[str, str]) -> None:
+    ex = SimpleNamespace(req=SimpleNamespace(method=method, raw_path=raw_path, query=query), chosen=[])
+    prefix = router.prefix or ""
+    try:
+        router.dispatch(None, ex)  # type: ignore[arg-type]
+    except HTTPError as e:
+        check(e.status in ROUTER_STATUSES, f"router error {e.status} for {raw_path!r}")
+        check(not ex.chosen, "a handler ran and the router still raised")
+        check(e.status != 405 or bool(e.headers.get("Allow")), "405 without Allow")
+        check(raw_path not in services or e.status == 405, f"service path {raw_path!r} refused with {e.status}")
+        return
+    check(len(ex.chosen) == 1, f"{len(ex.chosen)} handlers ran")
+    kind, label, value = ex.chosen[0]
+    if kind == "service":
+        check(services.get(raw_path) == label, f"service {label} at {raw_path!r}")
+        return
+    check(raw_path not in services, f"{raw_path!r} is a service path, routed as a {kind}")
+    if kind == "resource":
+        check(bool(RESOURCE_NAME.fullmatch(value)), f"resource name {value!r}")
+        check(raw_path == (prefix + RESOURCE_DIR + value).encode(), f"resource {value!r} from {raw_path!r}")
+        shown = router.log_path(raw_path)
+        check(len(value) <= 8 or value.encode() not in shown, f"the access log shows a whole upload id: {shown!r}")
+        return
+    check(kind == "file" and label == method, f"{kind} route for {method}")
+    check_path(value)
+    check(to_signed_path(raw_path, prefix, router.max_path_bytes) == value, "file path is not the signed path")
+    check(not value.startswith(RESOURCE_DIR.rstrip("/")), f"internal path {value!r}")
+    joined = os.path.join("/store", value)
+    check(os.path.normpath(joined) == joined and joined.startswith("/store/"), f"{value!r} leaves the root")
+
+
+def check_routers(method: str, raw_path: bytes, query: dict[str, str]) -> None:
+    for router, services in zip(ROUTERS, SERVICES):
+        check_router(router, services, method, raw_path, query)
+
+
 def TestOneInput(data: bytes) -> None:
     rfile = io.BytesIO(data)
     try:
@@ -209,6 +320,7 @@ def TestOneInput(data: bytes) -> None:
         return
     check_head(head)
     target = split_target(head.target)
+    check_routers(head.method, target.raw_path, target.query)
     try:
         path: Optional[str] = to_signed_path(target.raw_path, PREFIX)
     except HTTPError as e:
@@ -251,6 +363,12 @@ def seeds() -> list[bytes]:
         b"PUT /upload/abc/file.txt?v=" + auth.mac_hex(KEY, auth.message_v("abc/file.txt", 5)).encode()
         + b" HTTP/1.1\r\nHost: h\r\nUpload-Draft-Interop-Version: 6\r\nUpload-Complete: ?1;x=1\r\n"
         b"Upload-Incomplete: ?0\r\nUpload-Length: 5\r\nContent-Length: 5\r\n\r\nhello",
+        b"GET /.hmacfs/health HTTP/1.1\r\nHost: h\r\n\r\n",
+        b"HEAD /metrics HTTP/1.0\r\n\r\n",
+        b"DELETE /ready HTTP/1.1\r\nHost: h\r\n\r\n",
+        b"HEAD /upload/.uploads/AbCdEfGh_-0123456789abcdefghijkl HTTP/1.1\r\nHost: h\r\nTus-Resumable: 1.0.0\r\n\r\n",
+        b"OPTIONS /a/b/metrics HTTP/1.1\r\nHost: h\r\n\r\n",
+        b"PATCH /upload/a/b.txt HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\n\r\n",
     ]
 
 
@@ -260,7 +378,8 @@ DICTIONARY = ["HTTP/1.1", "HTTP/1.0", "\r\n", "\r\n\r\n", "Host: ", "Content-Len
               "eyJ", "eyJhbGciOiJIUzI1NiJ9", "http://", "#", "\t", "Tus-Resumable: 1.0.0", "Upload-Offset: ",
               "Upload-Length: ", "Upload-Metadata: ", "Upload-Checksum: ", "sha1 ", "sha256 ", "md5 ", "==",
               "Upload-Complete: ", "Upload-Incomplete: ", "Upload-Draft-Interop-Version: ", "?0", "?1", ";a=",
-              "application/partial-upload", "application/offset+octet-stream"]
+              "application/partial-upload", "application/offset+octet-stream", "/.hmacfs/", "/health", "/ready",
+              "/metrics", "/.uploads/", "/a/b/", "OPTIONS", "PATCH", "DELETE", "POST", "HEAD"]
 
 
 def _dict_file(path: Path) -> Path:

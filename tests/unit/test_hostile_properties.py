@@ -18,7 +18,15 @@ per read), ranges stay inside the file, signed paths stay plain names, JWT claim
 round-trip. An oracle written here from the RFC text (not from the implementation)
 decides the expected answer wherever one is cheap to state.
 
-Budget: a few hundred examples per property, the module runs in about 16 s on 2 cores;
+The second half (the security issue) states what an attacker must never get, whatever the
+input: a signed path that, joined to the storage root, leaves it or reaches `.hmacfs/` or a
+dot-name (and is the path decoded exactly once); a Range set that amplifies or half-honours a
+malformed header; JWT claims other than exactly those signed (numbers out of bounds: 401); a
+config document that crashes `from_dict` or `check-config` instead of a ConfigError, or sets a
+NaN deadline; upload headers a tus HEAD would echo with controls in them; a clamd reply read as
+"clean" that is not exactly `stream: OK` with its terminator.
+
+Budget: a few hundred examples per property, the module runs in about 22 s on 2 cores;
 HMACFS_PROPERTY_SCALE=N multiplies every example count for a longer hunt.
 """
 from __future__ import annotations
@@ -28,22 +36,32 @@ import hashlib
 import hmac
 import io
 import json
+import math
 import os
 import re
+import sys
 import unicodedata
 from typing import Optional, Union
-from urllib.parse import quote
+from urllib.parse import quote, unquote_to_bytes
 
 import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from hmacfs import auth
-from hmacfs.errors import HTTPError
+from hmacfs import config as config_mod
+from hmacfs.errors import ConfigError, HTTPError
+from hmacfs.http import uploadheaders
 from hmacfs.http.body import ChunkedBody
 from hmacfs.http.head import RequestHead, parse_head, read_head
-from hmacfs.http.httpmsg import clean_content_type, parse_range
+from hmacfs.http.httpmsg import MAX_RANGES, clean_content_type, parse_range, parse_ranges
 from hmacfs.policy import paths
+from hmacfs.services import clamav
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python < 3.11
+    import tomli as tomllib
 
 SCALE = int(os.environ.get("HMACFS_PROPERTY_SCALE", "1"))  # e.g. 50 for a long hunt: 15,000 examples each
 PROPS = settings(max_examples=300 * SCALE, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -878,3 +896,500 @@ def test_a_request_line_longer_than_the_head_budget_is_431() -> None:
     with pytest.raises(HTTPError) as e:
         read_head(io.BytesIO(b"GET /aaaaaaaaaaaaaaaaaaaaa HTTP/1.0\r\n\r\n"), 10)
     assert e.value.status == 431
+
+
+# === Hostile input, part 2 (security issue): the store, JWT claims, config, resumable headers, clamd ===
+
+# --- a signed path, joined to a store root, stays inside it ------------------------------------
+
+STORE_ROOT = "/srv/hmacfs-store"
+INTERNAL_DIR = ".hmacfs"
+# Spellings of ".", "/" and "\" that some decoder somewhere turns into the real thing: double
+# encoding, overlong UTF-8 (3- and 4-byte), IIS %u, fullwidth and compatibility forms, NUL tricks.
+TRAVERSAL_PIECES = [
+    b".", b"..", b"...", b"%2e", b"%2E", b"%2e%2e", b".%2e", b"%2e.", b"%252e", b"%252e%252e", b"%25%32%65",
+    b"%2541", b"%25c3%25a4", b"%2561%2562",
+    b"%c0%ae", b"%C0%AE", b"%e0%80%ae", b"%f0%80%80%ae", b"%c0%2e", b"%c1%9c", b"%c0%af", b"%e0%80%af",
+    b"%u002e", b"%u2215", b"%uff0e", b"\xef\xbc\x8e", b"%ef%bc%8e", b"\xe2\x80\xa4", b"%e2%80%a4", b"\xef\xb9\x92",
+    b"/", b"//", b"%2f", b"%2F", b"%252f", b"\\", b"%5c", b"%5C", b"%255c", b"%e2%88%95", b"%ef%bc%8f",
+    b"%00", b"\x00", b"%0a", b"%0d", b"%09", b"%7f", b"%c2%85", b"%e2%80%a8", b".hmacfs", b"%2ehmacfs",
+    b"hmacfs", b"uploads", b".uploads", b"meta.sqlite3", b"tmp", b"~", b"a", b"f.txt", b"%", b"%%", b"%g",
+    b"%f", b";", b"?", b"#", b"%3f", b"%23", b"\xc3\xa4", b"%c3%a4", b"\xff", b"\xc3", b"%ff", b"%c3",
+]
+PREFIXES = ["/upload/", "/", "/a/b/"]
+
+
+@st.composite
+def traversal_targets(draw: st.DrawFn) -> tuple[bytes, str]:
+    """(request target, URL prefix): pieces of traversal spellings glued together, under the
+    prefix or not, in origin or absolute form."""
+    prefix = draw(st.sampled_from(PREFIXES))
+    body = b"".join(draw(st.lists(st.one_of(st.sampled_from(TRAVERSAL_PIECES), st.binary(max_size=3)),
+                                  min_size=1, max_size=14)))
+    lead = draw(st.sampled_from([prefix.encode(), prefix.encode(), prefix.encode() + b".hmacfs/", b"",
+                                 b"/.hmacfs/", b"http://h" + prefix.encode(), prefix.encode().upper()]))
+    return lead + body, prefix
+
+
+def _inside_store(path: str) -> None:
+    """The store's view: `path` joined to the root names an entry strictly below it, outside
+    `.hmacfs/`, through no hidden directory, and exactly as spelled (nothing for a later
+    normalisation to collapse)."""
+    assert not os.path.isabs(path) and "\x00" not in path
+    joined = os.path.join(STORE_ROOT, path)
+    normal = os.path.normpath(joined)
+    assert normal == joined, (path, normal)            # no "", ".", ".." or "//" left to collapse
+    assert os.path.commonpath([STORE_ROOT, normal]) == STORE_ROOT and normal != STORE_ROOT
+    parts = os.path.relpath(normal, STORE_ROOT).split(os.sep)
+    assert parts[0] != INTERNAL_DIR, path
+    assert not any(part.startswith(".") for part in parts), path
+
+
+@PROPS
+@given(st.one_of(traversal_targets(),
+                 st.tuples(st.binary(max_size=80), st.sampled_from(PREFIXES)),
+                 st.tuples(hostile_targets(), st.just(P))))
+@example((b"/upload/%2e%2e/%2e%2e/etc/passwd", P))
+@example((b"/upload/..%2f..%2fetc", P))
+@example((b"/upload/%c0%ae%c0%ae/x", P))
+@example((b"/upload/%252e%252e/x", P))
+@example((b"/upload/%2561/x", P))
+@example((b"/%2ehmacfs/meta.sqlite3", "/"))
+@example((b"/.hmacfs/health", "/"))
+@example((b"/upload/a\\..\\..\\x", P))
+@example((b"/upload/a%00.txt", P))
+@example((b"http://h/upload/%2e%2e%5c%2e%2e", P))
+def test_a_signed_path_never_leaves_the_store_root(case: tuple[bytes, str]) -> None:
+    """Whatever the target, a signed path (what the file handlers join to the storage root)
+    names a file strictly below the root, never in `.hmacfs/` (metadata, temp files, uploads in
+    progress) nor behind any dot-name; and it is the path's bytes decoded exactly once, so a
+    doubly-encoded `%252e` is the literal name `%2e`, never a dot segment."""
+    target, prefix = case
+    raw_path = paths.split_target(target).raw_path
+    try:
+        path = paths.signed_path(raw_path, prefix)
+    except HTTPError as e:
+        assert e.status in (400, 404, 414), e
+        return
+    _inside_store(path)
+    assert raw_path.startswith(prefix.encode())
+    assert path == unquote_to_bytes(raw_path[len(prefix):]).decode("utf-8")  # one decoding, no more
+
+
+@PROPS
+@given(st.lists(st.one_of(st.sampled_from([s for s in SAFE_SEGMENTS if len(s) < 200]),
+                          st.text(alphabet="abcXYZ019-_~ \u00e4\u4e2d\U0001f600", min_size=1, max_size=8)
+                          .filter(lambda t: not t.startswith(".")).map(lambda t: quote(t).encode())),
+                min_size=1, max_size=8),
+       st.sampled_from(PREFIXES))
+def test_plain_names_are_accepted_under_any_prefix(segments: list[bytes], prefix: str) -> None:
+    """The other side: ordinary names are served, so the property above cannot pass by refusing all."""
+    path = paths.signed_path(prefix.encode() + b"/".join(segments), prefix)
+    _inside_store(path)
+    assert path.count("/") == len(segments) - 1
+
+
+def test_the_store_check_can_fail() -> None:
+    """`_inside_store` itself refuses what a broken signed_path could return."""
+    for bad in ["../x", "a/../../x", ".hmacfs/meta.sqlite3", "a/.git/config", "/etc/passwd", "a//b", "a/./b", ""]:
+        with pytest.raises(AssertionError):
+            _inside_store(bad)
+
+
+# --- Range sets ---------------------------------------------------------------------------------
+
+range_headers = st.one_of(
+    st.text(max_size=60),
+    st.builds(lambda unit, specs, sep: f"{unit}=" + sep.join(specs),
+              st.sampled_from(["bytes", "BYTES", " bytes ", "bytes ", "items", ""]),
+              st.lists(st.one_of(
+                  st.builds(lambda a, b: f"{a}-{b}", st.one_of(st.integers(0, 2000).map(str), range_parts),
+                            st.one_of(st.integers(0, 2000).map(str), range_parts, st.just(""))),
+                  st.integers(0, 3000).map(lambda n: f"-{n}"), range_parts), min_size=1, max_size=40),
+              st.sampled_from([",", ", ", " ,\t", ",,"])),
+)
+
+
+@PROPS
+@given(range_headers, sizes)
+@example("bytes=0-0," * 200 + "0-0", 10)
+@example("bytes=" + ",".join(f"{i * 100}-{i * 100}" for i in range(17)), 2000)
+@example("bytes=0-,0-,0-", 1000)
+@example("bytes=-" + "9" * 19 + ",0-1", 10)
+def test_range_sets_never_amplify(header: str, size: int) -> None:
+    """Any Range header: None (whole file), 416, or sorted disjoint in-file spans, at most
+    MAX_RANGES, adding up to no more than the file (a multipart body is never larger than the
+    file plus the parts' headers: CVE-2011-3192); and it agrees with the single-range parser."""
+    try:
+        spans = parse_ranges(header, size)
+    except HTTPError as e:
+        assert e.status == 416 and e.headers.get("Content-Range") == f"bytes */{size}", e
+        return
+    single = _range_of(header, size)
+    if spans is None:  # ignored, or too many parts / too much overlap (only possible with several specs)
+        assert single is None, (single, header)
+        return
+    assert 1 <= len(spans) <= MAX_RANGES
+    assert all(type(a) is int and type(b) is int and 0 <= a <= b < size for a, b in spans)
+    assert all(spans[i][1] + 1 < spans[i + 1][0] for i in range(len(spans) - 1)), spans
+    assert sum(b - a + 1 for a, b in spans) <= size
+    if isinstance(single, tuple):  # one satisfiable range: both parsers say the same
+        assert spans == [single]
+
+
+@PROPS
+@given(st.lists(st.tuples(st.integers(0, 500), st.integers(0, 50)), min_size=1, max_size=8),
+       st.sampled_from(["x-1", "1-x", "\u00b2-3", "-", "5-2", "", "0x1-2", "1 2-3", "+1-2"]),
+       st.integers(0, 8), st.integers(1, 1000))
+def test_one_malformed_spec_spoils_the_whole_set(specs: list[tuple[int, int]], bad: str, at: int,
+                                                  size: int) -> None:
+    """RFC 9110 14.2: a Range that is not a valid ranges-specifier is ignored as a whole, never
+    half-honoured (two readers picking different subsets of one header is a cache-poisoning
+    tool)."""
+    items = [f"{a}-{a + n}" for a, n in specs]
+    items.insert(min(at, len(items)), bad)
+    assert parse_ranges("bytes=" + ",".join(items), size) is None
+
+
+# --- JWT: any claims, re-signed ----------------------------------------------------------------
+
+def _claims_within_bounds(value: object) -> bool:
+    """The decoder's documented number rule, from its docstring: integers of at most 18 digits,
+    finite floats below 1e18 in magnitude, no NaN or Infinity, anywhere in the document."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return True
+    if isinstance(value, int):
+        return len(str(abs(value))) <= auth.MAX_CLAIM_DIGITS
+    if isinstance(value, float):
+        return math.isfinite(value) and abs(value) < 10.0 ** auth.MAX_CLAIM_DIGITS
+    if isinstance(value, list):
+        return all(_claims_within_bounds(v) for v in value)
+    return all(_claims_within_bounds(v) for v in value.values())  # type: ignore[union-attr]
+
+
+any_json_scalars = st.one_of(st.none(), st.booleans(), st.text(max_size=10),
+                             st.integers(-(10 ** 25), 10 ** 25), st.integers(-(10 ** 19), 10 ** 19),
+                             st.floats(), st.sampled_from([10 ** 18 - 1, 10 ** 18, -(10 ** 18), 1e18, 9.99e17,
+                                                           -0.0, 5e-324, 1.7976931348623157e308]))
+any_json = st.recursive(any_json_scalars, lambda inner: st.one_of(
+    st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=6), inner, max_size=4)), max_leaves=14)
+
+
+@PROPS
+@given(st.dictionaries(st.text(max_size=10), any_json, max_size=8), st.sampled_from(["", " ", "\t", "  "]))
+@example({"exp": 10 ** 18}, "")
+@example({"exp": float("nan")}, "")
+@example({"a": [[[1e300]]]}, "")
+def test_jwt_any_claims_re_signed_are_the_claims_or_401(claims: dict, pad: str) -> None:
+    """A token with a valid MAC and *any* JSON claims: exactly those claims when every number is
+    within the decoder's bounds, else 401 (never an OverflowError or a float('inf') expiry)."""
+    header = b64url(b'{"alg":"HS256","typ":"JWT"}')
+    payload = b64url(json.dumps(claims, separators=(",", ":")).encode())  # NaN/Infinity as JSON's extension
+    token = f"{header}.{payload}"
+    token += "." + b64url(hmac.new(KEY, token.encode(), hashlib.sha256).digest())
+    if len(token) > auth.MAX_TOKEN_BYTES:
+        return
+    result = _decode(pad + token + pad)
+    if _claims_within_bounds(claims):
+        assert result == claims
+    else:
+        assert isinstance(result, HTTPError), result
+
+
+b64url_segments = st.one_of(st.binary(max_size=40).map(b64url),
+                            st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_",
+                                    min_size=1, max_size=45))
+GOOD_JWT_HEADER = b64url(b'{"alg":"HS256","typ":"JWT"}')
+
+
+@PROPS
+@given(st.one_of(st.just(GOOD_JWT_HEADER), b64url_segments),
+       st.one_of(st.builds(lambda c: b64url(json.dumps(c).encode()), jwt_claims), b64url_segments),
+       b64url_segments)
+def test_jwt_of_well_shaped_segments_without_the_key_is_401(header: str, payload: str, sig: str) -> None:
+    """Tokens with the right shape (three base64url segments, any length, `len % 4 == 1`
+    included), often a good header and plausible claims, but no valid MAC: always 401."""
+    assume(sig != b64url(hmac.new(KEY, f"{header}.{payload}".encode(), hashlib.sha256).digest()))
+    assert isinstance(_decode(f"{header}.{payload}.{sig}"), HTTPError)
+
+
+# --- config: any TOML-like document ------------------------------------------------------------
+
+def _known_names(section: str) -> list[str]:
+    return sorted({name for (sect, name) in config_mod.INDEX if sect == section})
+
+
+TOML_STRINGS = ["", "0", "-1", "1.5", "9" * 400, "9" * 400 + "PB", "9" * 400 + "s", "1e400", "100MB", "1.5GiB", "5 KB",
+                "64KiB", "1h30m", "30d", "2Y", "1ns", "0.5s", "nan", "inf", "-5s", "127.0.0.1:8080", "[::1]:80",
+                "::1", "[::1", "localhost:1", ":0", "99999", "8080", "true", "yes", "off", "a\x00b", "\u00b2",
+                "\u0663s", "\uff11MB", "/tmp/x", "10.0.0.0/8", "fe80::/10", "::/0", "300.1.1.1/8", "HS256",
+                "none", "debug", "INFO", "trace", "jwt", "firstsegment", "always", "local", "s3", "changeme",
+                "*", "https://chat.example", "/upload/", "up load", "\U0001f4c1", "a,b,,c"]
+toml_scalars = st.one_of(
+    st.sampled_from(TOML_STRINGS), st.text(max_size=16),
+    st.integers(-(2 ** 63), 2 ** 63 - 1), st.integers(-3, 70000),
+    st.floats(), st.booleans(),
+    st.datetimes(), st.dates(), st.times(),  # TOML has them, tomllib returns them
+)
+toml_values = st.one_of(toml_scalars, st.lists(toml_scalars, max_size=4),
+                        st.dictionaries(st.text(max_size=6), toml_scalars, max_size=3))
+LISTENS = ["127.0.0.1:8080", "8080", ":0", "[::1]:80", "localhost:1", "0.0.0.0:65535"]
+SECRET_FILES = ("missing", "nul", "directory", "not-utf8", "good", "empty")
+
+
+ENUMERATED = {"loglevel": ["debug", "INFO", "warn", "error"], "jwtalgorithm": ["HS256", "hs256"],
+              "identity": ["jwt", "firstsegment"], "interimresponses": ["always", "direct", "never"],
+              "backend": ["local"], "urlprefix": ["/upload/", "/", "up", "/a/b"], "listenport": LISTENS,
+              "metricsport": LISTENS, "bindip": ["", "127.0.0.1", "::1"]}
+CIDR_KEYS = frozenset({"trustedproxies", "allowips", "denyips"})
+
+
+def valid_values(key: config_mod.Key) -> st.SearchStrategy:
+    """A value of the right kind for `key`, so documents often get past every check and reach
+    the derived values and the check-config rendering (wholly random values seldom do)."""
+    if key.name in ENUMERATED:
+        return st.sampled_from(ENUMERATED[key.name])
+    if key.name in CIDR_KEYS:
+        return st.lists(st.sampled_from(["10.0.0.0/8", "127.0.0.1", "::1", "fd00::/8", "192.0.2.1/32"]), max_size=3)
+    number = st.one_of(st.integers(1, 10 ** 6), st.integers(1, 10 ** 13))
+    return {
+        "bool": st.one_of(st.booleans(), st.sampled_from(["true", "off", "yes"])),
+        "int": st.integers(1, 100_000),
+        "size": st.one_of(number, st.builds(lambda n, u: f"{n}{u}", st.integers(0, 5000),
+                                            st.sampled_from(["", "B", "KB", "kib", "MB", "GiB", "T", " KB"])),
+                          st.sampled_from(["1.5GiB", "0.5KB", "1.25MB"])),
+        "optsize": st.one_of(st.just(""), number, st.sampled_from(["5GB", "100KiB"])),
+        "duration": st.one_of(number, st.floats(0.001, 10 ** 7), st.sampled_from(["1h30m", "30s", "0.5s", "2Y", "4w",
+                                                                               "90m", "1d12h", "250ms"])),
+        "list": st.lists(st.text(alphabet="abc*:/.", min_size=1, max_size=8), max_size=3),
+        "listen": st.sampled_from(LISTENS),
+        "unixsocket": st.sampled_from([False, "/tmp/hmacfs-test.sock"]),
+        "secret": st.text(min_size=1, max_size=20),
+    }.get(key.kind, st.text(max_size=12))
+
+
+@st.composite
+def config_documents(draw: st.DrawFn) -> dict:
+    """A parsed TOML document: known sections (any case) with known keys and aliases (and some
+    unknown ones), values of the right kind or TOML-typed hostile ones, flat top-level keys; a
+    secret is usually set so validation reaches the cross-key rules."""
+    doc: dict = {}
+
+    def value_for(section: str, name: str) -> object:
+        key = config_mod.INDEX.get((section, config_mod.norm(name)))
+        if key is not None and draw(st.integers(0, 3)) < 3:
+            return draw(valid_values(key))
+        return draw(toml_values)
+
+    for section in draw(st.lists(st.sampled_from([*config_mod.SECTIONS, "logging", "networkresilience",
+                                                  "Server", "SECURITY", "nosuchsection"]), max_size=6,
+                                 unique=True)):
+        base = config_mod.norm(section)
+        names = draw(st.lists(st.one_of(st.sampled_from(_known_names(base) or ["key"]), st.text(max_size=8)),
+                              max_size=6, unique=True))
+        doc[section] = {name: value_for(base, name) for name in names}
+    for name in draw(st.lists(st.sampled_from(_known_names("server")), max_size=3, unique=True)):
+        doc.setdefault(name, value_for("server", name))
+    if draw(st.integers(0, 9)) < 8:
+        security = doc.setdefault("security", {})
+        if isinstance(security, dict):
+            security.setdefault("secret", "a-long-random-test-secret")
+    if draw(st.integers(0, 9)) < 2:
+        security = doc.setdefault("security", {})
+        if isinstance(security, dict):
+            security.pop("secret", None)
+            security["secretfile"] = draw(st.sampled_from(SECRET_FILES))  # replaced by a real path below
+    return doc
+
+
+@pytest.fixture(scope="module")
+def secret_files(tmp_path_factory) -> dict[str, str]:
+    """Paths for `secretfile`: missing, with a NUL, a directory, not UTF-8, good, empty."""
+    d = tmp_path_factory.mktemp("secretfiles")
+    (d / "not-utf8").write_bytes(b"\xff\xfe secret")
+    (d / "good").write_text("a-long-random-file-secret\n")
+    (d / "empty").write_text("")
+    return {"missing": str(d / "missing"), "nul": str(d / "a\x00b"), "directory": str(d),
+            "not-utf8": str(d / "not-utf8"), "good": str(d / "good"), "empty": str(d / "empty")}
+
+
+def _durations_and_sizes(cfg: config_mod.Config) -> list[tuple[str, object]]:
+    return [(f"[{k.section}] {k.name}", getattr(cfg.sections[k.section], k.name)) for k in config_mod.SCHEMA
+            if k.kind in ("duration", "size", "optsize")]
+
+
+@HEAVY
+@given(config_documents())
+@example({"uploads": {"maxuploadsize": "9" * 400 + "PB"}, "security": {"secret": "a-long-random-test-secret"}})
+@example({"security": {"secretfile": "nul"}})
+@example({"security": {"secretfile": "not-utf8"}})
+@example({"timeouts": {"readheadertimeout": float("nan")}, "security": {"secret": "a-long-random-test-secret"}})
+@example({"timeouts": {"readtimeout": "9" * 400 + "s"}, "security": {"secret": "a-long-random-test-secret"}})
+@example({"timeouts": {"idletimeout": "1ns"}, "security": {"secret": "a-long-random-test-secret"}})
+def test_config_from_any_document_is_a_config_or_a_config_error(secret_files: dict[str, str], doc: dict) -> None:
+    """`from_dict` over any document of the known shape: a Config or a ConfigError naming the
+    problem, never another exception (which `hmacfs` would print as a traceback at start, and a
+    SIGHUP reload would log as "config reload failed" with no key named). An accepted Config
+    has non-negative, non-NaN limits (a NaN readheadertimeout would mean "never cut a silent
+    client": `now > nan` is always false), and `check-config`'s rendering of it (secrets masked)
+    reads back as the same settings."""
+    security = doc.get("security")
+    if isinstance(security, dict) and str(security.get("secretfile")) in secret_files:
+        security["secretfile"] = secret_files[security["secretfile"]]
+    try:
+        cfg = config_mod.from_dict(doc, environ={})
+    except ConfigError as e:
+        assert str(e)
+        return
+    assert cfg.secrets and all(isinstance(s, bytes) for s in cfg.secrets)
+    for name, value in _durations_and_sizes(cfg):
+        assert isinstance(value, (int, float)) and not isinstance(value, bool), (name, value)
+        assert value == value and value >= 0, (name, value)  # value == value: not NaN
+    cfg.listen, cfg.metrics_listen, cfg.urlprefix  # noqa: B018 - derived values must not raise
+    rendered = config_mod.render_effective(cfg)
+    masked = {k.name for k in config_mod.SCHEMA if k.secret}
+    reread = tomllib.loads("\n".join(line for line in rendered.splitlines()
+                                     if line.partition(" = ")[0] not in masked))
+    for key in config_mod.SCHEMA:  # the masked values, as they were
+        if key.secret and not key.compat:
+            reread[key.section][key.name] = getattr(cfg.sections[key.section], key.name)
+    again = config_mod.from_dict(reread, environ={})
+    for section in config_mod.SECTIONS:
+        mine = {k.name: getattr(cfg.sections[section], k.name) for k in config_mod.SCHEMA
+                if k.section == section and not k.secret and not k.compat}
+        theirs = {name: getattr(again.sections[section], name) for name in mine}
+        assert theirs == mine, section
+
+
+# --- tus / IETF upload headers through the real head parser -------------------------------------
+
+UPLOAD_FIELDS = [b"Upload-Metadata", b"Upload-Checksum", b"Upload-Offset", b"Upload-Length", b"Upload-Complete",
+                 b"Upload-Incomplete", b"Upload-Draft-Interop-Version", b"Tus-Resumable"]
+metadata_like = st.builds(
+    lambda pairs, sep: sep.join(pairs),
+    st.lists(st.one_of(
+        st.builds(lambda k, v: k + b" " + v, st.sampled_from([b"filename", b"filetype", b"a", b"\xc3\xa4", b"k\x80"]),
+                  st.one_of(st.binary(max_size=12).map(lambda b: base64.b64encode(b)), st.binary(max_size=8))),
+        st.binary(max_size=10)), max_size=5),
+    st.sampled_from([b",", b", ", b" , ", b",\t"]))
+
+
+@PROPS
+@given(st.lists(st.tuples(st.sampled_from(UPLOAD_FIELDS), st.one_of(metadata_like, st.binary(max_size=30),
+                                                                    header_values)), min_size=1, max_size=5))
+@example([(b"Upload-Metadata", b"filename ZmlsZQ==\x85")])
+@example([(b"Upload-Metadata", b"filename\tZmlsZQ==")])
+@example([(b"Upload-Metadata", b"a YQ==,\xa0b")])
+@example([(b"Upload-Checksum", b"sha1 qvTGHdzF6KLavt4PO0gs2a6pQ00=\xa0")])
+def test_upload_headers_from_any_bytes_through_the_head_parser(fields: list[tuple[bytes, bytes]]) -> None:
+    """Arbitrary bytes in the resumable-upload fields, read by the real head parser (which keeps
+    obs-text as latin-1): the head is refused with an HTTPError, or every parser answers its
+    documented type. Upload-Metadata that parses is plain ASCII with no control character,
+    because tus HEAD sends the stored value back verbatim as a response header."""
+    assume(all(b"\n" not in v and b"\r" not in v for _, v in fields))
+    wire = b"POST /upload/a/b HTTP/1.1\r\nHost: h\r\n" + b"".join(n + b": " + v + b"\r\n" for n, v in fields) + b"\r\n"
+    head = parse(wire)
+    if not isinstance(head, RequestHead):
+        return
+    h = head.headers
+    for name in ("upload-offset", "upload-length"):
+        n = uploadheaders.parse_count(h.get(name))
+        assert n is None or (type(n) is int and 0 <= n < 10 ** 15)
+    for name in ("upload-complete", "upload-incomplete"):
+        assert uploadheaders.parse_sf_boolean(h.get(name)) in (None, True, False)
+    version = uploadheaders.parse_sf_integer(h.get("upload-draft-interop-version"))
+    assert version is None or (type(version) is int and version >= 0)
+    raw = h.get("upload-metadata", "").strip()  # what tus.py stores and echoes
+    meta = uploadheaders.parse_upload_metadata(raw)
+    if meta:
+        assert raw.isascii() and not re.search(r"[\x00-\x08\x0a-\x1f\x7f]", raw), repr(raw)  # HTAB is OWS
+        assert all(k.isascii() and k.isprintable() and " " not in k and "," not in k for k in meta)
+    try:
+        checksum = uploadheaders.parse_checksum(h.get("upload-checksum"))
+    except uploadheaders.ChecksumError:
+        return
+    if checksum is not None:
+        algorithm, digest = checksum
+        assert algorithm in uploadheaders.CHECKSUM_ALGORITHMS
+        assert len(digest) == hashlib.new(algorithm).digest_size
+
+
+# --- clamd replies ------------------------------------------------------------------------------
+
+signature_names = st.one_of(
+    st.sampled_from(["Eicar-Test-Signature", "Win.Test.EICAR_HDB-1", "Heuristics.Phishing.Email.SpoofedDomain",
+                     "YARA.rule_name.UNOFFICIAL", "Sanesecurity.Foxhole.Zip_fs117.UNOFFICIAL", "a", "OK",
+                     "Eicar Test FOUND"]),
+    st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7e), min_size=1, max_size=40),
+)
+terminators = st.sampled_from([b"\0", b"\n"])
+clamd_junk = st.sampled_from([
+    b"", b"\0", b"\n", b"stream: OK", b"stream:OK\0", b"stream:  OK\0", b"stream: ok\0", b"stream: OK \0",
+    b"stream: OKAY\0", b"stream: OK\r\n", b"Stream: OK\0", b" stream: OK\0", b"stream: FOUND\0", b"stream:  FOUND\0",
+    b"stream: \x00 FOUND\0", b"stream: x\nFOUND\0", b"stream: OK\0stream: Eicar FOUND\0",
+    b"stream: Eicar FOUND\0stream: OK\0", b"stream: OK\nstream: OK\n",
+    b"INSTREAM size limit exceeded. ERROR\0", b"stream: Can't allocate memory ERROR\0",
+    b"stream: lstat() failed: No such file or directory. ERROR\0", b"UNKNOWN COMMAND\0", b"PONG\0",
+    b"ClamAV 1.0.5/27000/Mon Jan  1 00:00:00 2024\0", b"stream: Eicar FOUND FOUND\0", b"stream: \x1b[2J FOUND\0",
+    b"stream: Eicar\xe2\x80\xa8x FOUND\0", b"stream: \xff\xfe FOUND\0", b"stream: OK" + b"\0" * 3,
+])
+
+
+def _clamd_reply(reply: bytes) -> Union[object, str]:
+    """parse_scan_reply's answer: its ScanResult, or "error" for ClamdError (nothing else may escape)."""
+    try:
+        result = clamav.parse_scan_reply(reply)
+    except clamav.ClamdError:
+        return "error"
+    assert isinstance(result, clamav.ScanResult)
+    return result
+
+
+@PROPS
+@given(st.one_of(st.binary(max_size=60), clamd_junk,
+                 st.builds(lambda s, t: b"stream: " + s.encode("utf-8", "surrogatepass") + b" FOUND" + t,
+                           st.text(max_size=20), terminators),
+                 st.builds(lambda r, n: r[:n], clamd_junk, st.integers(0, 40)),
+                 st.builds(lambda a, b: a + b, clamd_junk, st.binary(max_size=8))))
+@example(b"stream: OK\0")
+@example(b"stream: Eicar-Test-Signature FOUND\0")
+def test_clamd_reply_is_clean_only_when_it_says_exactly_ok(reply: bytes) -> None:
+    """Any bytes from the clamd socket: a ScanResult or ClamdError, never another exception, and
+    fail-closed: a file is clean only if clamd said exactly `stream: OK` and ended its reply (a
+    reply without its NUL or newline was cut short: clamd died while writing it).
+    An infected verdict carries a non-blank printable signature (it goes into the 422 body and a
+    log line) that clamd really sent between `stream: ` and ` FOUND`."""
+    result = _clamd_reply(reply)
+    if result == "error":
+        return
+    body = reply.rstrip(b"\0\n")
+    if not result.infected:  # type: ignore[union-attr]
+        assert body == b"stream: OK" and len(reply) > len(body), reply
+        assert result.signature is None  # type: ignore[union-attr]
+        return
+    signature = result.signature  # type: ignore[union-attr]
+    assert isinstance(signature, str) and signature.strip() and signature.isprintable(), repr(signature)
+    assert body.startswith(b"stream: ") and body.endswith(b" FOUND"), reply
+    assert b"\0" not in body and b"\n" not in body
+    assert signature == body[len(b"stream: "):-len(b" FOUND")].decode("utf-8", "replace")
+
+
+@PROPS
+@given(signature_names, terminators)
+def test_clamd_found_reply_names_its_signature(name: str, end: bytes) -> None:
+    """The verdicts clamd really sends (NUL-terminated for z-commands, newline for n-commands)."""
+    assert _clamd_reply(b"stream: " + name.encode() + b" FOUND" + end) == clamav.ScanResult(True, name)
+    assert _clamd_reply(b"stream: OK" + end) == clamav.ScanResult(False, None)
+
+
+@PROPS
+@given(signature_names, terminators, st.data())
+def test_clamd_reply_cut_short_is_never_clean(name: str, end: bytes, data: st.DataObject) -> None:
+    """A FOUND reply cut anywhere (clamd killed mid-reply): an error or the same verdict, never
+    clean; a reply carrying two verdicts is an error, whatever their order."""
+    reply = b"stream: " + name.encode() + b" FOUND" + end
+    cut = reply[:data.draw(st.integers(0, len(reply)))]
+    result = _clamd_reply(cut)
+    assert result == "error" or result.infected, (cut, result)  # type: ignore[union-attr]
+    assert _clamd_reply(b"stream: OK" + end + reply) == "error"
+    assert _clamd_reply(reply + b"stream: OK" + end) == "error"
