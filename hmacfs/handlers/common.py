@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Iterator, Optional
+from typing import TYPE_CHECKING, ContextManager, Iterator, Optional
 
 from ..auth import RequestFacts
 from ..errors import HTTPError
+from ..http.clientaddr import peer_key
 from ..http.exchange import Exchange
 from ..policy.guard import mark_auth_failure
 
@@ -25,6 +26,13 @@ def request_facts(app: App, ex: Exchange, signed_path: str, content_length: Opti
 
 
 AUTH_FAILURE_STATUSES = frozenset({400, 401, 403, 410})
+
+
+def worker_slot(app: App, ex: Exchange, size_hint: Optional[int]) -> ContextManager[memoryview]:
+    """An upload worker for this request: counted by the client's address (fairness), given
+    up while queued when the client goes away."""
+    client = ex.req.client
+    return app.gate.slot(size_hint, None if client == "unix" else peer_key(client), ex.client_gone)
 
 
 @contextmanager

@@ -18,6 +18,7 @@ from ..http.exchange import Exchange
 from ..meta import FileRecord
 from ..meta.record import PartialRecord
 from ..resumable import Attachment
+from .common import worker_slot
 from .upload import admit_upload, count_upload, pipeline_upload
 
 if TYPE_CHECKING:
@@ -70,7 +71,7 @@ def append_body(app: App, ex: Exchange, record: PartialRecord, attachment: Attac
     body: Union[LengthBody, ChunkedBody] = (ChunkedBody(req.rfile, limit, keep_partial=True) if req.chunked
                                             else LengthBody(req.rfile, size or 0, keep_partial=True))
     assert app.resumable is not None
-    with app.gate.slot(size) as buf:
+    with worker_slot(app, ex, size) as buf:
         ex.send_continue()
         try:
             return app.resumable.append(record, attachment, body, buf, time.time(), checksum,

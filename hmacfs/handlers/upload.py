@@ -28,7 +28,7 @@ from ..meta import FileRecord
 from ..policy.paths import extension_allowed
 from ..policy.quotas import DAY, Standing, exceeded, refusal, uploader_of
 from ..storage.local import PathConflict
-from .common import auth_failures_counted, request_facts
+from .common import auth_failures_counted, request_facts, worker_slot
 
 if TYPE_CHECKING:
     from ..app import App
@@ -134,7 +134,7 @@ def _put(app: App, ex: Exchange, signed_path: str):
     grant, declared = admitted.grant, admitted.declared
     upload = pipeline_upload(app, signed_path, admitted.content_type, admitted.file_expires, admitted.uploader,
                              time.time())
-    with app.gate.slot(declared) as buf:
+    with worker_slot(app, ex, declared) as buf:
         scan = app.scanner.begin(signed_path, declared) if app.scanner is not None else None  # 413/503 first
         try:
             ex.send_continue()

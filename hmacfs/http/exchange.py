@@ -152,6 +152,16 @@ class Exchange:
     def responded(self) -> bool:
         return self.status != 0
 
+    def client_gone(self) -> bool:
+        """Has the connection ended (the client closed it, or the watchdog shut it down)? A
+        non-blocking peek: buffered body bytes mean it is still there."""
+        try:
+            return self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True
+
     def _head(self, status: int, headers: list[tuple[str, str]], length: int) -> bytes:
         if self.lifecycle.draining:  # checked at response time: a drain may begin mid-request
             self.close_after = True
