@@ -81,11 +81,14 @@ def format_duration(seconds: float) -> str:
     """A compact spelling of a duration in whole units where exact."""
     s = int(seconds)
     if s != seconds:
-        for unit, factor in (("ms", 1e-3), ("us", 1e-6), ("ns", 1e-9)):
+        text = repr(seconds)  # the shortest spelling that reads back as the same float
+        if "e" not in text:
+            return f"{text}s"
+        for unit, factor in (("ns", 1e-9), ("us", 1e-6), ("ms", 1e-3)):  # tiny ones: no exponent
             n = round(seconds / factor)
-            if n >= 1 and abs(n * factor - seconds) <= 1e-12 * max(1.0, seconds):
+            if n >= 1 and n * factor == seconds:
                 return f"{n}{unit}"
-        return f"{seconds:.9f}".rstrip("0") + "s"  # never an exponent: parse_duration reads it back
+        return f"{seconds:.9f}".rstrip("0") + "s"
     for unit, factor in (("d", 86400), ("h", 3600), ("m", 60)):
         if s and s % factor == 0:
             return f"{s // factor}{unit}"

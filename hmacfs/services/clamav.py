@@ -14,6 +14,7 @@ and counted as unscanned.
 from __future__ import annotations
 
 import logging
+import queue
 import socket
 import struct
 import threading
@@ -25,6 +26,7 @@ from ..policy.paths import extension_allowed
 
 log = logging.getLogger("hmacfs")
 CHUNK = 256 * 1024           # most bytes sent to clamd in one frame (clamd's default StreamMaxLength is 25 MB)
+FEED_AHEAD = 4               # received chunks that may wait for the sender thread (a few MiB per scan)
 TIMEOUT = 60.0               # seconds for one socket operation with clamd (connect, send, the verdict)
 SLOT_WAIT = 30.0             # seconds an upload waits for a free scan worker before a 503
 MAX_REPLY = 4096
@@ -151,32 +153,57 @@ class ClamdClient:
 class ScanSession:
     """One upload's scan: `feed` every plaintext chunk as it arrives, then `verdict`.
 
-    `feed` never raises: a clamd failure is remembered and decided by `verdict` (so a scan
-    problem never cuts an upload mid-body without an answer). `close` ends it either way."""
+    A thread of its own sends the chunks to clamd (a few chunks ahead at most), so receiving
+    the upload and streaming it to clamd run side by side instead of taking turns. `feed`
+    never raises: a clamd failure is remembered and decided by `verdict` (so a scan problem
+    never cuts an upload mid-body without an answer). `close` ends it either way."""
 
     def __init__(self, scanner: Scanner, sock: socket.socket, path: str) -> None:
         self.scanner = scanner
         self.sock: Optional[socket.socket] = sock
         self.path = path
+        self.queued = 0
         self.sent = 0
         self.failure: Optional[str] = None
         self.too_large = False
+        self._chunks: queue.Queue[Optional[bytes]] = queue.Queue(FEED_AHEAD)
+        self._sender: Optional[threading.Thread] = threading.Thread(target=self._send_all, name="clamd-feed",
+                                                                    daemon=True)
+        self._sender.start()
 
     def feed(self, chunk: memoryview) -> None:
-        if self.sock is None or self.failure is not None or self.too_large:
+        if self._sender is None or self.failure is not None or self.too_large:
             return
-        if self.sent + len(chunk) > self.scanner.max_size:
+        if self.queued + len(chunk) > self.scanner.max_size:
             self.too_large = True
             return
-        try:
-            for start in range(0, len(chunk), CHUNK):
-                piece = chunk[start:start + CHUNK]
-                self.sock.sendall(struct.pack(">I", len(piece)))
-                self.sock.sendall(piece)
-            self.sent += len(chunk)
-        except OSError as e:
-            self.failure = f"clamd connection failed mid-scan: {e}"
-            self._why_closed()
+        self.queued += len(chunk)
+        self._chunks.put(bytes(chunk))  # a copy: the caller's buffer is reused; waits when FEED_AHEAD are queued
+
+    def _send_all(self) -> None:
+        """The sender thread: frames chunks to clamd until the None that ends the stream."""
+        while True:
+            chunk = self._chunks.get()
+            if chunk is None:
+                return
+            if self.failure is not None or self.too_large or self.sock is None:
+                continue  # drain: nothing more goes to clamd
+            try:
+                for start in range(0, len(chunk), CHUNK):
+                    piece = chunk[start:start + CHUNK]
+                    self.sock.sendall(struct.pack(">I", len(piece)))
+                    self.sock.sendall(piece)
+                self.sent += len(chunk)
+            except OSError as e:
+                self.failure = f"clamd connection failed mid-scan: {e}"
+                self._why_closed()
+
+    def _stop_sender(self) -> None:
+        """Every queued chunk sent (or dropped after a failure), the thread gone."""
+        if self._sender is not None:
+            self._chunks.put(None)
+            self._sender.join()
+            self._sender = None
 
     def _why_closed(self) -> None:
         """clamd closes a stream longer than its StreamMaxLength after saying so: read that."""
@@ -200,6 +227,7 @@ class ScanSession:
         scan, when such files are refused) or 503 (clamd failed and `failopen` is off)."""
         scanner = self.scanner
         try:
+            self._stop_sender()
             if not self.too_large and self.failure is None:
                 try:
                     assert self.sock is not None
@@ -221,10 +249,16 @@ class ScanSession:
             self.close()
 
     def close(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
-            self.scanner.slots.release()
+        sock, self.sock = self.sock, None
+        if sock is None:
+            return
+        try:
+            sock.shutdown(socket.SHUT_RDWR)  # a sender blocked on a stuck clamd returns at once
+        except OSError:
+            pass
+        self._stop_sender()
+        sock.close()
+        self.scanner.slots.release()
 
 
 class Scanner:
