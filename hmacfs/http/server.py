@@ -5,7 +5,10 @@ Strategy: `ThreadingHTTPServer` gives each connection a thread. On top of it:
   holds each connection's deadline; a watchdog thread shuts down sockets past it, which
   bounds slow-header and slow-body clients that per-recv timeouts alone cannot;
 - SIGTERM stops accepting, closes idle keep-alive connections, lets in-flight transfers
-  finish for up to `timeouts.shutdown`, then exits 0; SIGHUP reloads secrets and log level.
+  finish for up to `timeouts.shutdown`, then exits 0; SIGHUP reopens the log file (logrotate)
+  and reloads secrets and log level;
+- under systemd: listening sockets may be inherited (socket activation) and readiness,
+  reload and stop are reported over NOTIFY_SOCKET (services/systemd.py).
 """
 from __future__ import annotations
 
@@ -24,7 +27,8 @@ from ..app import App
 from ..config import Config, ListenAddress
 from ..errors import HTTPError
 from ..handlers.service import handle_health, handle_metrics
-from ..services.logs import AccessLog, set_level
+from ..services import systemd
+from ..services.logs import AccessLog, reopen_logs, set_level
 from .clientaddr import Network, in_networks, parse_networks, peer_key
 from .connection import ConnectionHandler
 from .exchange import refusal
@@ -152,14 +156,15 @@ class ConnectionTable:
 
 
 class HmacfsServer(ThreadingHTTPServer):
-    """A ThreadingHTTPServer on TCP (IPv4/IPv6, dual-stack for "all") or a Unix socket."""
+    """A ThreadingHTTPServer on TCP (IPv4/IPv6, dual-stack for "all") or a Unix socket, or on
+    a listening socket systemd passed us (socket activation; `role` picks which one)."""
 
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 1024  # socketserver's 5 makes connection bursts wait in the kernel
 
     def __init__(self, listen: ListenAddress, app: App, router: Router, conns: ConnectionTable,
-                 access_log: AccessLog) -> None:
+                 access_log: AccessLog, role: str = "main") -> None:
         self.app = app
         self.access_log = access_log
         self.router = router
@@ -171,6 +176,15 @@ class HmacfsServer(ThreadingHTTPServer):
         self.trusted_proxies = parse_networks(cfg.server.trustedproxies)
         self.draining = False
         self._dual_stack = False
+        self.inherited = systemd.activation_socket(role)
+        if self.inherited is not None:  # socket activation: systemd bound it, and owns its path
+            self.address_family = self.inherited.family
+            super().__init__(self.inherited.getsockname(), ConnectionHandler,  # type: ignore[arg-type]
+                             bind_and_activate=False)
+            self.socket.close()
+            self.socket = self.inherited
+            self._set_names()
+            return
         if listen.unix_path:
             self.address_family = socket.AF_UNIX
             address: object = listen.unix_path
@@ -200,6 +214,10 @@ class HmacfsServer(ThreadingHTTPServer):
         socketserver.TCPServer.server_bind(self)
         if self.address_family == socket.AF_UNIX:
             os.chmod(self.server_address, 0o666)
+        self._set_names()
+
+    def _set_names(self) -> None:
+        if self.address_family == socket.AF_UNIX:
             self.server_name, self.server_port = "unix", 0
         else:
             self.server_name, self.server_port = self.server_address[:2]
@@ -273,7 +291,7 @@ class Service:
         ml = config.metrics_listen
         if ml is not None and not self.app.metrics_on_main_port:
             self.metrics_server = HmacfsServer(ml, self.app, metrics_router(self.app), self.metrics_conns,
-                                               self.access_log)
+                                               self.access_log, role="metrics")
         self._stop = threading.Event()
         self._reload = threading.Event()
 
@@ -307,6 +325,7 @@ class Service:
         log.info("hmacfs serving %s%s (storage %s, %d upload workers)%s", self.server.bound_address,
                  self.app.prefix, self.app.store.root, self.app.workers,
                  f"; metrics on {self.metrics_server.bound_address}" if self.metrics_server else "")
+        systemd.notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving {self.server.bound_address}")
         while not self._stop.wait(0.2):
             if self._reload.is_set():
                 self._reload.clear()
@@ -314,18 +333,26 @@ class Service:
         return self.drain(servers)
 
     def reload(self) -> None:
+        systemd.notify_reloading()
         try:
-            new = config_mod.load(self.config.source)
-        except Exception as e:  # a bad edit must not take the server down
-            log.error("config reload failed, keeping the running config: %s", e)
-            return
-        set_level(new.server.loglevel)
-        self.app.reload(new)
+            # First, and whatever the config says: logrotate has just moved the file (its postrotate HUP).
+            if reopen_logs():
+                log.info("log file reopened (SIGHUP)")
+            try:
+                new = config_mod.load(self.config.source)
+            except Exception as e:  # a bad edit must not take the server down
+                log.error("config reload failed, keeping the running config: %s", e)
+                return
+            set_level(new.server.loglevel)
+            self.app.reload(new)
+        finally:
+            systemd.notify("READY=1")
 
     def drain(self, servers: list[HmacfsServer]) -> int:
         grace = self.config.timeouts.shutdown
         busy = self.conns.busy_count()
         log.info("shutting down: %d request(s) in flight, waiting up to %.0fs", busy, grace)
+        systemd.notify("STOPPING=1")
         self.app.draining = True
         for s in servers:
             s.draining = True
@@ -343,7 +370,7 @@ class Service:
             log.warning("shutdown grace time over: closing %d unfinished request(s)", left)
         self.conns.close_all()
         for s in servers:
-            if s.listen.unix_path:
+            if s.listen.unix_path and s.inherited is None:
                 try:
                     os.unlink(s.listen.unix_path)
                 except FileNotFoundError:
