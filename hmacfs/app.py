@@ -32,6 +32,7 @@ from .services.hotcache import HotFiles
 from .services.janitor import Janitor
 from .services.metrics import ServerMetrics
 from .services.precache import precache
+from .services.readiness import Readiness
 from .services.workers import UploadGate, auto_workers
 from .storage.blobs import BlobStore
 from .storage.local import LocalStore
@@ -84,6 +85,10 @@ class App:
                         if clamav.clamavenabled else None)
         self.janitor = Janitor(self.store, self.meta, self.catalog, self.blobs, config.server.cleanupinterval,
                                max(config.timeouts.readtimeout, 60.0) + 60.0, self.metrics, self.resumable)
+        self.thumbnails = build_thumbnailer(self) if config.thumbnails.enabled else None
+        if self.thumbnails is not None:  # made after each commit, removed with the file
+            self.pipeline.on_commit.append(self.thumbnails.submit)
+            self.catalog.on_remove.append(self.thumbnails.remove)
         self.warm = threading.Event()
         self.workers = (auto_workers() if config.server.autoadjustworkers else config.workers.numworkers)
         self.gate = UploadGate(self.workers, config.workers.uploadqueuesize, self.metrics)
@@ -92,11 +97,14 @@ class App:
         self.cors = CorsPolicy(config.cors.allowedorigins)
         self.guard = Guard(GuardSettings.from_config(config), self.meta, self.metrics)  # lists, bans, limits
         self.draining = False
+        self.readiness = Readiness(self)  # /ready and hmacfs_ready
         self.router = self._routes()
 
     def start_background(self) -> None:
         """The janitor, and the precache warm-up (listening does not wait for it)."""
         self.janitor.start()
+        if self.thumbnails is not None:
+            self.thumbnails.start()
         if self.scanner is not None:
             threading.Thread(target=startup_check, args=(self.scanner,), name="clamd-check", daemon=True).start()
         if self.config.server.precaching:
@@ -106,6 +114,8 @@ class App:
 
     def stop_background(self) -> None:
         self.janitor.stop()
+        if self.thumbnails is not None:
+            self.thumbnails.stop()
 
     def _precache(self) -> None:
         started = time.monotonic()
@@ -157,6 +167,21 @@ class App:
         if changed:
             log.warning("config reload: changes in %s take effect after a restart", ", ".join(sorted(changed)))
         log.info("config reloaded: %d secret(s) active", len(self.secrets))
+
+
+def build_thumbnailer(app: App):
+    """The thumbnailer, in its own directory (default `.hmacfs/thumbnails`): never one the
+    store serves, since a thumbnail there would be reachable as an ordinary file."""
+    from .services.thumbnails import Thumbnailer, parse_size
+
+    settings = app.config.thumbnails
+    directory = os.path.realpath(settings.directory or os.path.join(app.store.internal, "thumbnails"))
+    root, internal = app.store.root, app.store.internal
+    if (directory + os.sep).startswith(root + os.sep) and not (directory + os.sep).startswith(internal + os.sep):
+        raise StartupError(f"[thumbnails] directory = {settings.directory!r} is inside the served storage: "
+                           f"use a directory under {internal} or outside {root}")
+    return Thumbnailer(app.store, app.meta, app.catalog, directory, parse_size(settings.size),
+                       settings.thumbnailintervalscan, lambda: app.keyring, app.metrics)
 
 
 def load_keyring(config: Config):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from typing import Optional
+from typing import Callable, Optional
 
 from .meta import FileRecord, MetaStore
 from .meta.record import VersionRecord
@@ -29,12 +29,14 @@ class Catalog:
     """Locating and removing stored files across the store, the blobs and the metadata."""
 
     def __init__(self, store: LocalStore, meta: MetaStore, blobs: Optional[BlobStore] = None,
-                 on_remove=None, locks: Optional[PathLocks] = None) -> None:
+                 on_remove: Optional[Callable[[str], None]] = None, locks: Optional[PathLocks] = None) -> None:
         self.locks = locks or PathLocks()
         self.store = store
         self.meta = meta
         self.blobs = blobs
-        self.on_remove = on_remove  # e.g. drop the path from the hot-file cache
+        # Called with each removed path, after its lock is released: the hot-file cache drops
+        # it, the thumbnailer deletes its thumbnail. Every removal comes through here.
+        self.on_remove: list[Callable[[str], None]] = [on_remove] if on_remove is not None else []
         self._missing_logged: set[str] = set()
         self._lock = threading.Lock()
 
@@ -91,6 +93,9 @@ class Catalog:
                     remove_version_bytes(self.store, self.blobs, version)
             if trash is not None:
                 self.store.discard_temp(trash)
-        if self.on_remove is not None:
-            self.on_remove(path)
+        for hook in self.on_remove:
+            try:
+                hook(path)
+            except Exception:  # the file is gone already: a hook's failure must not say otherwise
+                log.exception("after-removal job failed for %r", path)
         return trash is not None or (record is not None and record.ref) or bool(versions)

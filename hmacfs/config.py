@@ -63,12 +63,15 @@ SCHEMA: tuple[Key, ...] = (
     _k("server", "urlprefix", "str", "/upload/", "uploadsubdir"),
     _k("server", "loglevel", "str", "info", "logging.level"),
     _k("server", "logfile", "str", "", "logging.file"),
-    _k("server", "logmaxsize", "size", "100MB", "logging.maxsize", help="rotate the log file at this size"),
+    _k("server", "logmaxsize", "size", "100MB", "logging.maxsize", help="rotate the log file at this size (0: never)"),
     _k("server", "logbackups", "int", 5, "logging.maxbackups"),
     _k("server", "loggingjson", "bool", False, "logjson"),
     _k("server", "metricsenabled", "bool", True),
     _k("server", "metricsport", "listen", "9090"),
     _k("server", "metricspath", "str", "/metrics"),
+    _k("server", "metricstoken", "secret", "", secret=True,
+       help="bearer token the metrics path requires (Authorization: Bearer ...); empty: none"),
+    _k("server", "metricsallowips", "list", [], help="CIDRs that may read the metrics path; empty: everyone"),
     _k("server", "minfreebytes", "size", "1GB"),
     _k("server", "filettl", "duration", "30d", "maxfileage"),
     _k("server", "filettlenabled", "bool", False),
@@ -205,7 +208,6 @@ SECTIONS = tuple(dict.fromkeys(k.section for k in SCHEMA))
 # release. Turning one on must never look like it worked: each is reported as a warning
 # at start and by check-config.
 NOT_YET_IMPLEMENTED = {
-    ("thumbnails", "enabled"): "thumbnails",
     ("iso", "enabled"): "ISO containers",
     ("redis", "redisenabled"): "Redis shared state",
     ("server", "networkevents"): "network event monitoring",
@@ -512,8 +514,11 @@ def _validate(config: Config) -> None:
         config.metrics_listen  # noqa: B018 - validates metricsport
     except ValueError as e:
         raise ConfigError(f"[server] listenport/metricsport: {e}") from None
-    for name in ("trustedproxies",):
+    for name in ("trustedproxies", "metricsallowips"):
         _check_cidrs("server", name, getattr(s, name))
+    if s.metricstoken and (len(s.metricstoken) < 16 or not all(33 <= ord(c) < 127 for c in s.metricstoken)):
+        raise ConfigError("[server] metricstoken: at least 16 printable ASCII characters without spaces "
+                          "(it travels in an Authorization header)")
     if config.workers.numworkers < 1:
         raise ConfigError(f"[workers] numworkers = {config.workers.numworkers}: must be at least 1")
     if config.workers.uploadqueuesize < 0:
@@ -555,6 +560,14 @@ def _validate(config: Config) -> None:
         raise ConfigError("[uploads] resumableexpiry: at least 1s (e.g. \"24h\")")
     if config.server.cleanupinterval < 1:
         raise ConfigError("[server] cleanupinterval: at least 1s")
+    from .services.thumbnails import parse_size  # WIDTHxHEIGHT, checked even while off
+
+    try:
+        parse_size(config.thumbnails.size)
+    except ValueError as e:
+        raise ConfigError(f"[thumbnails] size = {e}") from None
+    if config.thumbnails.thumbnailintervalscan < 1:
+        raise ConfigError("[thumbnails] thumbnailintervalscan: at least 1s (e.g. \"1h\")")
     if config.storage.backend not in ("local", "s3"):
         raise ConfigError(f"[storage] backend = {config.storage.backend!r}: expected local or s3")
 

@@ -137,6 +137,9 @@ class UploadPipeline:
         self.keyring = keyring
         self.segment_size = segment_size
         self.locks = locks or PathLocks()
+        # After-commit jobs (thumbnails): called with each committed record, outside the path
+        # lock, for PUT, tus and IETF uploads alike; they must be quick and must not raise.
+        self.on_commit: list[Callable[[FileRecord], None]] = []
 
     # -- receiving ------------------------------------------------------------------------------
 
@@ -204,16 +207,22 @@ class UploadPipeline:
                 before_commit(received)
             with self.locks.hold(path):  # commits and removals of one path take turns
                 if self.keep_versions is None:
-                    return self._commit(received, upload, None)
-                record = self._commit(received, upload, self._current(path))
-                self._prune(path)
-                return record
+                    record = self._commit(received, upload, None)
+                else:
+                    record = self._commit(received, upload, self._current(path))
+                    self._prune(path)
         except OSError as e:
             if e.errno in _FULL_ERRNOS:
                 raise storage_full() from None
             raise
         finally:
             self.store.discard_temp(received.temp_path, later=received.size >= UNLINK_LATER_BYTES)
+        for hook in self.on_commit:
+            try:
+                hook(record)
+            except Exception:  # an after-commit job never fails the upload
+                log.exception("after-commit job failed for %r", path)
+        return record
 
     def _current(self, path: str) -> Optional[FileRecord]:
         """The record of what is at `path` now (rebuilt from the file if it has none), or None."""

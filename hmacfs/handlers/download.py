@@ -34,7 +34,7 @@ from ..http.httpmsg import (
 )
 from ..meta import FileRecord
 from ..meta.record import VersionRecord
-from ..pipeline import record_for_file, record_matches
+from ..pipeline import hash_fd, record_for_file, record_matches
 from ..services.hotcache import Identity
 from .common import auth_failures_counted, request_facts
 
@@ -64,7 +64,9 @@ def handle_get(app: App, ex: Exchange, signed_path: str) -> None:
     record = app.meta.get(signed_path)
     expire_if_due(app, signed_path, record)
     query = ex.req.query
-    if "versions" in query:
+    if "thumbnail" in query:
+        _serve_thumbnail(app, ex, signed_path, record)
+    elif "versions" in query:
         _list_versions(app, ex, signed_path, record)
     elif "version" in query:
         _serve_version(app, ex, signed_path, record, query["version"])
@@ -128,6 +130,36 @@ def _serve_version(app: App, ex: Exchange, signed_path: str, record: Optional[Fi
         _serve(app, ex, signed_path, _as_record(version), st, fd=fd, cache="private, no-cache")
     finally:
         os.close(fd)
+
+
+def _serve_thumbnail(app: App, ex: Exchange, signed_path: str, record: Optional[FileRecord]) -> None:
+    """`?thumbnail`: the image's thumbnail (PNG or JPEG) with the file's own headers, Range and
+    conditionals; 404 while there is none (not an image, not made yet, or thumbnails off)."""
+    thumbnails = getattr(app, "thumbnails", None)
+    if thumbnails is None or record is None:
+        raise HTTPError(404, "no thumbnail")
+    thumb = thumbnails.open(signed_path)
+    if thumb is None:
+        raise HTTPError(404, "no thumbnail (yet)")
+    try:
+        if thumb.encrypted:
+            from ..storage.encrypted import EncryptedFileError, plaintext_digest
+
+            if app.keyring is None:
+                raise HTTPError(404, "no thumbnail")
+            try:
+                size, sha256 = plaintext_digest(thumb.fd, app.keyring, thumb.st.st_size)
+            except EncryptedFileError as e:
+                log.error("the thumbnail of %r does not decrypt (%s): not served", signed_path, e)
+                raise HTTPError(404, "no thumbnail") from None
+        else:
+            size, sha256 = thumb.st.st_size, hash_fd(thumb.fd, thumb.st.st_size)  # small: hashed per request
+        thumb_record = FileRecord(path=signed_path, size=size, content_type=thumb.content_type, sha256=sha256,
+                                  created=thumb.st.st_mtime, encrypted=thumb.encrypted)
+        # Revalidated each time: a new version of the path brings a new thumbnail at the same URL.
+        _serve(app, ex, signed_path, thumb_record, thumb.st, fd=thumb.fd, cache="public, no-cache")
+    finally:
+        os.close(thumb.fd)
 
 
 def _as_record(v: VersionRecord) -> FileRecord:

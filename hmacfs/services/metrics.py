@@ -3,18 +3,25 @@
 Strategy: counters, gauges and histograms keyed by label values, each guarded by one
 lock (increments are short); `render()` is a pure function of the registry's state.
 Names follow Prometheus conventions (`_total` for counters, `_seconds`/`_bytes` units)
-so `promtool check metrics` is clean.
+so `promtool check metrics` is clean. Every label has a small fixed set of values (method,
+status code, protocol, result, check): never a path, an uploader or an address, whose
+series would grow without bound in Prometheus.
 """
 from __future__ import annotations
 
 import os
+import platform
 import resource
 import threading
 import time
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+from .. import __version__
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 DEFAULT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+# Transfer sizes: 1 KiB to 16 GiB in steps of 4 (a chat photo, a voice note, a video, a disk image).
+SIZE_BUCKETS = tuple(float(1024 * 4 ** i) for i in range(13))
 
 
 def _escape_label(value: str) -> str:
@@ -46,10 +53,11 @@ class _Metric:
 
 
 class _Valued(_Metric):
-    """One value per label set, or one read from `fn` at scrape time (process CPU, memory)."""
+    """One value per label set, or values read from `fn` at scrape time (process CPU, memory):
+    a number when there are no labels, else an iterable of (label values, value) pairs."""
 
     def __init__(self, name: str, help: str, labelnames: Sequence[str] = (),
-                 fn: Optional[Callable[[], float]] = None) -> None:
+                 fn: Optional[Callable[[], Any]] = None) -> None:
         super().__init__(name, help, labelnames)
         self._values: dict[tuple[str, ...], float] = {} if labelnames else {(): 0.0}
         self._fn = fn
@@ -63,8 +71,10 @@ class _Valued(_Metric):
             return self._values.get(labels, 0.0)
 
     def lines(self) -> list[str]:
-        if self._fn is not None:
+        if self._fn is not None and not self.labelnames:
             return [f"{self.name} {_num(self._fn())}"]
+        if self._fn is not None:
+            return [f"{self.name}{_labels(self.labelnames, k)} {_num(v)}" for k, v in self._fn()]
         with self._lock:
             items = sorted(self._values.items())
         return [f"{self.name}{_labels(self.labelnames, k)} {_num(v)}" for k, v in items]
@@ -72,6 +82,22 @@ class _Valued(_Metric):
 
 class Counter(_Valued):
     kind = "counter"
+
+
+class SizedCounter(Counter):
+    """A byte counter whose every increment is one transfer, also observed in a size histogram.
+
+    Why: the handlers count each stored upload and each sent download with one `inc(size)`;
+    recording the same number in `sizes` here keeps the total and the distribution from ever
+    disagreeing, without a second call at every place a transfer is counted."""
+
+    def __init__(self, name: str, help: str, sizes: Histogram) -> None:
+        super().__init__(name, help)
+        self.sizes = sizes
+
+    def inc(self, amount: float = 1.0, *labels: str) -> None:
+        super().inc(amount, *labels)
+        self.sizes.observe(amount)
 
 
 class Gauge(_Valued):
@@ -83,6 +109,21 @@ class Gauge(_Valued):
 
     def dec(self, amount: float = 1.0, *labels: str) -> None:
         self.inc(-amount, *labels)
+
+
+class StampedCounter(Counter):
+    """A counter that also records when it last moved, in `stamp` (seconds since the epoch).
+
+    Why: "the janitor has not run for two intervals" is the alert an operator wants, and a
+    rate of a counter cannot say when a stalled process last did something."""
+
+    def __init__(self, name: str, help: str, stamp: Gauge) -> None:
+        super().__init__(name, help)
+        self.stamp = stamp
+
+    def inc(self, amount: float = 1.0, *labels: str) -> None:
+        super().inc(amount, *labels)
+        self.stamp.set(time.time())
 
 
 class Histogram(_Metric):
@@ -162,6 +203,19 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _open_fds() -> float:
+    """Open file descriptors: the entries of /proc/self/fd (Linux), minus the one listing it."""
+    try:
+        return max(0, len(os.listdir("/proc/self/fd")) - 1)
+    except OSError:
+        return float("nan")
+
+
+def _max_fds() -> float:
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return float("inf") if soft == resource.RLIM_INFINITY else float(soft)
+
+
 class ServerMetrics:
     """The metrics hmacfs exports; one instance per process."""
 
@@ -175,10 +229,18 @@ class ServerMetrics:
         self.uploads = r.add(Counter("hmacfs_uploads_total", "Files stored.", ("protocol",)))
         self.upload_errors = r.add(Counter("hmacfs_upload_errors_total", "Uploads refused or failed.",
                                            ("code",)))
-        self.upload_bytes = r.add(Counter("hmacfs_upload_bytes_total", "Bytes of stored uploads."))
+        upload_sizes = Histogram("hmacfs_upload_size_bytes", "Size of each stored upload.", buckets=SIZE_BUCKETS)
+        self.upload_bytes = r.add(SizedCounter("hmacfs_upload_bytes_total", "Bytes of stored uploads.",
+                                               upload_sizes))
+        r.add(upload_sizes)
         self.upload_seconds = r.add(Histogram("hmacfs_upload_duration_seconds", "Time to receive and store an upload."))
         self.downloads = r.add(Counter("hmacfs_downloads_total", "Downloads served (200 and 206).", ("code",)))
-        self.download_bytes = r.add(Counter("hmacfs_download_bytes_total", "Bytes sent in download bodies."))
+        download_sizes = Histogram("hmacfs_download_size_bytes",
+                                   "Body bytes sent by each download (200 and 206; a HEAD sends 0).",
+                                   buckets=SIZE_BUCKETS)
+        self.download_bytes = r.add(SizedCounter("hmacfs_download_bytes_total", "Bytes sent in download bodies.",
+                                                 download_sizes))
+        r.add(download_sizes)
         self.download_seconds = r.add(Histogram("hmacfs_download_duration_seconds", "Time to send a download."))
         self.deletes = r.add(Counter("hmacfs_deletes_total", "Files deleted by signed DELETE."))
         self.auth_failures = r.add(Counter("hmacfs_auth_failures_total", "Requests refused by signature checks.",
@@ -193,9 +255,16 @@ class ServerMetrics:
         r.add(Gauge("process_start_time_seconds", "Start time of the process since the epoch in seconds.",
                     fn=lambda: started))
         r.add(Gauge("hmacfs_threads", "Python threads alive.", fn=lambda: threading.active_count()))
+        r.add(Gauge("process_open_fds", "Number of open file descriptors.", fn=_open_fds))
+        r.add(Gauge("process_max_fds", "Maximum number of open file descriptors.", fn=_max_fds))
+        r.add(Gauge("hmacfs_build_info", "Always 1; the running hmacfs version and Python in labels.",
+                    ("version", "python"), fn=lambda: [((__version__, platform.python_version()), 1.0)]))
         self.quota_refusals = r.add(Counter("hmacfs_quota_refusals_total", "Uploads refused by a quota.",
                                             ("quota",)))
-        self.janitor_runs = r.add(Counter("hmacfs_janitor_runs_total", "Janitor runs."))
+        janitor_last = Gauge("hmacfs_janitor_last_run_timestamp_seconds",
+                             "When the janitor last finished a run (0: not yet), since the epoch.")
+        self.janitor_runs = r.add(StampedCounter("hmacfs_janitor_runs_total", "Janitor runs.", janitor_last))
+        r.add(janitor_last)
         self.expired_removed = r.add(Counter("hmacfs_expired_files_removed_total",
                                              "Expired files removed (by the janitor or at a GET)."))
         self.tampered = r.add(Counter("hmacfs_encrypted_reads_failed_total",
@@ -217,6 +286,8 @@ class ServerMetrics:
                                          ("scope",)))
         self.scans = r.add(Counter("hmacfs_virus_scans_total", "Virus scans by result (clean, infected, "
                                    "unscanned, too_large, error).", ("result",)))
+        self.thumbnails = r.add(Counter("hmacfs_thumbnails_total", "Thumbnails by result (made, failed: a broken "
+                                        "or hostile image, or ImageMagick's limits).", ("result",)))
 
     def watch_storage(self, app) -> None:
         """Gauges of the store and the metadata (no uploader in any label), read at most every
@@ -244,6 +315,17 @@ class ServerMetrics:
                         fn=lambda: snap.get()["logical"] - snap.get()["blob_bytes"]))
         r.add(Gauge("hmacfs_ready_warm", "1 once the precache warm-up is done (or off).",
                     fn=lambda: 1.0 if app.warm.is_set() else 0.0))
+        r.add(Gauge("hmacfs_resumable_uploads_in_progress", "Resumable uploads (tus, ietf) begun and not finished.",
+                    fn=lambda: snap.get()["partials"]))
+        # The pool and the readiness probe are built after this call: read them at scrape time.
+        r.add(Gauge("hmacfs_upload_workers", "Upload workers in the pool (numworkers or the auto-adjusted count).",
+                    fn=lambda: app.gate.workers))
+        r.add(Gauge("hmacfs_upload_queue_capacity", "Uploads that may wait for a worker (uploadqueuesize).",
+                    fn=lambda: app.gate.queue_size))
+        r.add(Gauge("hmacfs_ready", "1 when every readiness check passes (what /ready answers 200 to).",
+                    fn=lambda: 1.0 if app.readiness.ready() else 0.0))
+        r.add(Gauge("hmacfs_ready_check", "Each readiness check: 1 passing, 0 failing.", ("check",),
+                    fn=lambda: [((c.name,), 1.0 if c.ok else 0.0) for c in app.readiness.checks()]))
 
     def render(self) -> str:
         return self.registry.render()
@@ -265,7 +347,7 @@ class StorageSnapshot:
             if now - self._at >= self.max_age:
                 meta = self.app.meta
                 values = {"files": meta.total_files(), "bytes": meta.total_bytes(),
-                          "uploaders": meta.uploader_count()}
+                          "uploaders": meta.uploader_count(), "partials": len(meta.partial_ids())}
                 if self.app.blobs is not None:
                     values["blobs"], values["blob_bytes"], values["logical"] = meta.blob_stats()
                 self._values, self._at = values, now

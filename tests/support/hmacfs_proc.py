@@ -67,7 +67,7 @@ def merge(base: dict, extra: dict) -> dict:
 
 # Keys whose values are secrets (any section, spelled as config.py normalises them: lowercase, no `_`).
 SECRET_KEYS = frozenset({"secret", "previoussecrets", "jwtsecret", "jwtkey", "deletesecret", "redispassword",
-                         "s3accesskey", "s3secretkey"})
+                         "s3accesskey", "s3secretkey", "metricstoken"})
 # Shorter secrets cannot be searched for without matching ordinary text (a test's deletesecret "d"):
 # they are left to the MAC and JWT patterns.
 MIN_SECRET_CHARS = 6

@@ -164,8 +164,16 @@ def test_shipped_config_loads_cleanly() -> None:
 
 
 def test_enabled_but_unimplemented_features_are_reported(tmp_path: Path) -> None:
-    cfg = load_text(tmp_path, f'[thumbnails]\nenabled = true\n[security]\nsecret = "{STRONG}"\n')
-    assert any("thumbnails" in p and "not implemented" in p for p in cfg.pending)
+    cfg = load_text(tmp_path, f'[iso]\nenabled = true\n[security]\nsecret = "{STRONG}"\n')
+    assert any("ISO" in p and "not implemented" in p for p in cfg.pending)
+    on = load_text(tmp_path, f'[thumbnails]\nenabled = true\n[security]\nsecret = "{STRONG}"\n')
+    assert not any("thumbnails" in p for p in on.pending)
+
+
+@pytest.mark.parametrize("size", ["200", "0x10", "10x", "axb", "5000x10", "-1x5"])
+def test_thumbnail_size_is_validated(tmp_path: Path, size: str) -> None:
+    with pytest.raises(config.ConfigError, match=r"\[thumbnails\] size"):
+        load_text(tmp_path, f'[thumbnails]\nsize = "{size}"\n[security]\nsecret = "{STRONG}"\n')
     assert load_text(tmp_path, f'[security]\nsecret = "{STRONG}"\n').pending == ()
 
 

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import re
+import time
 
-from hmacfs.services.metrics import Counter, Histogram, ServerMetrics, render
+from hmacfs.services.metrics import Counter, Gauge, Histogram, ServerMetrics, render
 
 SAMPLE = re.compile(r'^[a-zA-Z_:][a-zA-Z0-9_:]*(\{([a-zA-Z_][a-zA-Z0-9_]*="([^"\\\n]|\\[\\n"])*",?)*\})? '
                     r'(-?[0-9.e+-]+|\+Inf|-Inf|NaN)$')
@@ -60,3 +61,33 @@ def test_server_metrics_are_valid() -> None:
     assert types["hmacfs_http_requests_total"] == "counter"
     assert types["hmacfs_upload_duration_seconds"] == "histogram"
     assert types["process_resident_memory_bytes"] == "gauge"
+
+
+def test_sized_counter_keeps_total_and_histogram_together() -> None:
+    m = ServerMetrics()
+    m.upload_bytes.inc(5)
+    m.upload_bytes.inc(5000)
+    text = m.render()
+    check_exposition(text)
+    assert "hmacfs_upload_bytes_total 5005" in text
+    assert 'hmacfs_upload_size_bytes_bucket{le="1024"} 1' in text and "hmacfs_upload_size_bytes_count 2" in text
+    assert "hmacfs_upload_size_bytes_sum 5005" in text
+
+
+def test_process_gauges_and_labelled_callbacks() -> None:
+    m = ServerMetrics()
+    text = m.render()
+    fds = [line for line in text.splitlines() if line.startswith("process_open_fds ")]
+    assert fds and float(fds[0].split()[1]) >= 3
+    assert 'hmacfs_build_info{version="' in text
+    g = Gauge("g_state", "State.", ("check",), fn=lambda: [(("a",), 1.0), (("b",), 0.0)])
+    assert render([g]).splitlines()[2:] == ['g_state{check="a"} 1', 'g_state{check="b"} 0']
+
+
+def test_janitor_runs_record_when_they_happened() -> None:
+    m = ServerMetrics()
+    assert "hmacfs_janitor_last_run_timestamp_seconds 0" in m.render()
+    before = time.time()
+    m.janitor_runs.inc()
+    stamp = [line for line in m.render().splitlines() if line.startswith("hmacfs_janitor_last_run_timestamp_seconds ")]
+    assert before <= float(stamp[0].split()[1]) <= time.time()
