@@ -3,6 +3,8 @@
 
 Reproducible: entries are sorted, timestamps fixed (SOURCE_DATE_EPOCH or 1980-01-01),
 permissions normalised and no bytecode included, so the same source gives the same bytes.
+Offline: everything comes from the checkout; third-party code the zipapp needs on old Pythons
+(tomli, for Python < 3.11) is vendored under hmacfs/_vendor with its licence, which ships too.
 """
 from __future__ import annotations
 
@@ -23,8 +25,14 @@ def _date_time() -> tuple[int, int, int, int, int, int]:
     return time.gmtime(max(epoch, 315532800))[:6]
 
 
+# Besides the Python sources: the licences of vendored code, which MIT requires to travel with it.
+EXTRA_FILES = ("LICENSE",)
+
+
 def sources(package: Path) -> list[Path]:
-    return sorted(p for p in package.rglob("*.py") if "__pycache__" not in p.parts)
+    """Every file of the package that ships: sources, and licence files (the vendored tomli's)."""
+    return sorted(p for p in package.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+                  and (p.suffix == ".py" or p.name in EXTRA_FILES))
 
 
 def build(out: Path) -> Path:

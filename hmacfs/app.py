@@ -33,7 +33,7 @@ from .services.janitor import Janitor
 from .services.metrics import ServerMetrics
 from .services.precache import precache
 from .services.readiness import Readiness
-from .services.workers import UploadGate, auto_workers
+from .services.workers import UploadGate, WorkerTuner
 from .storage.blobs import BlobStore
 from .storage.local import LocalStore
 from .storage.partials import PartialFiles
@@ -90,8 +90,12 @@ class App:
             self.pipeline.on_commit.append(self.thumbnails.submit)
             self.catalog.on_remove.append(self.thumbnails.remove)
         self.warm = threading.Event()
-        self.workers = (auto_workers() if config.server.autoadjustworkers else config.workers.numworkers)
-        self.gate = UploadGate(self.workers, config.workers.uploadqueuesize, self.metrics)
+        self.gate = UploadGate(config.workers.numworkers, config.workers.uploadqueuesize, self.metrics)
+        # Sized now (from the machine with autoadjustworkers, else numworkers exactly), at SIGHUP,
+        # and, when auto, while uploads keep queueing (services/workers.py).
+        self.tuner = WorkerTuner(self.gate, config.server.autoadjustworkers, config.workers.numworkers,
+                                 config.workers.uploadqueuesize)
+        self.workers = self.gate.workers  # the start size (the encrypted-download slots below)
         # Encrypted downloads hold two segment buffers (2 MiB) each: bounded like uploads.
         self.decrypt_slots = threading.BoundedSemaphore(max(8, 2 * self.workers))
         self.cors = CorsPolicy(config.cors.allowedorigins)
@@ -103,6 +107,7 @@ class App:
     def start_background(self) -> None:
         """The janitor, and the precache warm-up (listening does not wait for it)."""
         self.janitor.start()
+        self.tuner.start()
         if self.thumbnails is not None:
             self.thumbnails.start()
         if self.scanner is not None:
@@ -114,6 +119,7 @@ class App:
 
     def stop_background(self) -> None:
         self.janitor.stop()
+        self.tuner.stop()
         if self.thumbnails is not None:
             self.thumbnails.stop()
 
@@ -162,7 +168,10 @@ class App:
                     self.resumable.files.keyring = self.keyring
             except StartupError as e:
                 log.error("config reload: keeping the current keys: %s", e)
-        changed = [s for s in config.sections if s != "security" and
+        # The pool: re-sized from the machine (auto), or to the new numworkers/uploadqueuesize.
+        self.tuner.configure(config.server.autoadjustworkers, config.workers.numworkers,
+                             config.workers.uploadqueuesize)
+        changed = [s for s in config.sections if s not in ("security", "workers") and
                    config.sections[s] != self.config.sections[s]]
         if changed:
             log.warning("config reload: changes in %s take effect after a restart", ", ".join(sorted(changed)))

@@ -1,7 +1,8 @@
 """The stored files as a whole: where a path's bytes are, and removing a path with all it owns.
 
 Strategy: a path's bytes are a plain file at the path (possibly a hard link to a dedup
-blob), or, for a `ref` record, the blob itself; older versions live under
+blob), or, for a `ref` record, the blob itself, or, for a record packed by `hmacfs iso
+pack`, a slice of an ISO 9660 image (`open_packed`); older versions live under
 `.hmacfs/versions/`. Downloads, DELETE, expiry (GET and the janitor) and the `hmacfs
 files` tools all go through this one place, so removing a file always takes its
 versions and blob references with it, in the order that a crash cannot turn into a
@@ -12,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 from .meta import FileRecord, MetaStore
 from .meta.record import VersionRecord
@@ -23,6 +24,17 @@ from .storage.local import LocalStore
 log = logging.getLogger("hmacfs")
 
 Opened = tuple[int, os.stat_result]
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+class Packed(NamedTuple):
+    """A packed file's bytes: `st.st_size` bytes at `offset` in the image open at `fd`. `st` is
+    the image's stat with the file's own size and mtime, so Last-Modified and the ETag of a
+    file stay what they were before it was packed."""
+
+    fd: int
+    st: os.stat_result
+    offset: int
 
 
 class Catalog:
@@ -41,10 +53,38 @@ class Catalog:
         self._lock = threading.Lock()
 
     def open_current(self, path: str, record: Optional[FileRecord]) -> Optional[Opened]:
-        """(fd, stat) of the bytes of `path` (the file, or the blob of a `ref` record), or None."""
+        """(fd, stat) of the bytes of `path` (the file, or the blob of a `ref` record), or None;
+        None too for a packed record: its bytes are a slice of an image (`open_packed`)."""
+        if record is not None and record.image:
+            return None
         if record is not None and record.ref:
             return self._open_blob(path, record.blob)
         return self.store.open(path)
+
+    def open_packed(self, record: FileRecord) -> Optional[Packed]:
+        """The image slice holding a packed file, checked against the row (the image must hold
+        the whole slice); None, logged once, when the image is gone or too short."""
+        assert record.image is not None
+        try:
+            fd = os.open(record.image, os.O_RDONLY | os.O_CLOEXEC | _O_NOFOLLOW)
+        except OSError:
+            self.missing(record.path, f"ISO image {record.image}")
+            return None
+        st = os.fstat(fd)
+        if record.image_offset + record.size > st.st_size:
+            os.close(fd)
+            self.missing(record.path, f"its bytes in ISO image {record.image} (the image is truncated)")
+            return None
+        mtime_ns = record.mtime_ns or int(record.created * 1e9)
+        fields = list(st[:10])
+        fields[6], fields[8] = record.size, mtime_ns // 10**9
+        view = os.stat_result(fields, {"st_mtime": mtime_ns / 1e9, "st_mtime_ns": mtime_ns})
+        return Packed(fd, view, record.image_offset)
+
+    def fresh(self, path: str) -> Optional[FileRecord]:
+        """The row of `path` from the database itself: a file missing at its path may have been
+        packed into an image by `hmacfs iso pack` (another process) since its row was cached."""
+        return self.meta.fresh(path)
 
     def open_version(self, version: VersionRecord) -> Optional[Opened]:
         if version.location is None:
@@ -98,4 +138,5 @@ class Catalog:
                 hook(path)
             except Exception:  # the file is gone already: a hook's failure must not say otherwise
                 log.exception("after-removal job failed for %r", path)
-        return trash is not None or (record is not None and record.ref) or bool(versions)
+        # A packed file's bytes stay in its image (images are written once): the row was its only trace.
+        return trash is not None or (record is not None and (record.ref or bool(record.image))) or bool(versions)

@@ -1,9 +1,9 @@
 """Command line: `hmacfs [-config FILE] [serve | sign | check-config | version | files | usage |
-reindex | rekey | bans]`.
+reindex | rekey | bans | iso]`.
 
 Single-dash long options (`-config`, `-version`) are accepted as the seeds' Go server
 spells them, next to the usual `--config`. The store-management verbs (`files list`,
-`files delete`, `usage`, `reindex`, `rekey`, `bans list`, `bans remove`) work beside a running
+`files delete`, `usage`, `reindex`, `rekey`, `bans list`, `bans remove`, `iso pack|list|verify`) work beside a running
 server through the same metadata (see manage.py); they print what they did and exit 0, 2 for a usage or config
 error, 1 when the store cannot be opened or the work fails.
 """
@@ -27,8 +27,8 @@ from .units import parse_duration
 if TYPE_CHECKING:
     from .manage import Tools
 
-VERBS = ("serve", "sign", "check-config", "version", "files", "usage", "reindex", "rekey", "bans")
-MANAGE_VERBS = ("files", "usage", "reindex", "rekey", "bans")
+VERBS = ("serve", "sign", "check-config", "version", "files", "usage", "reindex", "rekey", "bans", "iso")
+MANAGE_VERBS = ("files", "usage", "reindex", "rekey", "bans", "iso")
 SINGLE_DASH = {"-config": "--config", "-version": "--version", "-help": "--help"}
 
 
@@ -110,6 +110,24 @@ def _add_manage_parsers(sub, cfg_help: str) -> None:
     rekey.add_argument("--dry-run", action="store_true", help="list the files that would be re-encrypted")
     rekey.add_argument("--json", action="store_true", help="print the counts as one JSON object")
     _add_bans_parsers(sub, cfg_help)
+    _add_iso_parsers(sub, cfg_help)
+
+
+def _add_iso_parsers(sub, cfg_help: str) -> None:
+    """`iso pack|list|verify`: ISO containers ([iso]), beside a running server (hmacfs/iso.py)."""
+    iso = sub.add_parser("iso", help="pack stored files into ISO 9660 images, list and verify them",
+                         description="Move stored files into ISO 9660 images of at most iso.size bytes under "
+                         "iso.mountpoint; they stay downloadable at their URLs (works while the server runs).")
+    iso_sub = iso.add_subparsers(dest="iso_verb", metavar="{pack,list,verify}")
+    pack = iso_sub.add_parser("pack", help="pack the selected files into new images")
+    pack.add_argument("--older-than", metavar="DURATION", help="only files stored longer ago than this, e.g. 30d")
+    pack.add_argument("--prefix", help="only paths starting with this string (exact)")
+    pack.add_argument("--dry-run", action="store_true", help="print what would be packed; change nothing")
+    listing = iso_sub.add_parser("list", help="list the images and the files packed in each")
+    verify = iso_sub.add_parser("verify", help="re-read every packed file from its image and check its sha256")
+    for parser in (pack, listing, verify):
+        parser.add_argument("--config", "-c", dest="sub_config", metavar="FILE", help=cfg_help)
+        parser.add_argument("--json", action="store_true", help="print one JSON document")
 
 
 def _add_bans_parsers(sub, cfg_help: str) -> None:
@@ -274,7 +292,7 @@ def _manage(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     from . import manage
     from .errors import HTTPError
 
-    sub_verb = getattr(args, f"{args.verb}_verb", None) if args.verb in ("files", "bans") else None
+    sub_verb = getattr(args, f"{args.verb}_verb", None) if args.verb in ("files", "bans", "iso") else None
     verb = f"{args.verb} {sub_verb or ''}".strip()
     for w in cfg.warnings:
         print(f"hmacfs: warning: {w}", file=sys.stderr)
@@ -284,6 +302,9 @@ def _manage(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     if args.verb == "bans" and not args.bans_verb:
         print("hmacfs bans: give 'list' or 'remove ADDR' (see hmacfs bans --help)", file=sys.stderr)
         return 2
+    if args.verb == "iso" and not args.iso_verb:
+        print("hmacfs iso: give 'pack', 'list' or 'verify' (see hmacfs iso --help)", file=sys.stderr)
+        return 2
     try:
         older_than = _older_than(args)
         if args.verb == "files" and args.files_verb == "delete":
@@ -292,6 +313,8 @@ def _manage(cfg: config_mod.Config, args: argparse.Namespace) -> int:
         try:
             if args.verb == "bans":
                 return _bans(tools, args)
+            if args.verb == "iso":
+                return _iso(tools, args, older_than)
             if args.verb == "usage":
                 return _usage(tools, args)
             if args.verb == "reindex":
@@ -315,7 +338,7 @@ def _manage(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # rekey and reindex stop cleanly between files; a rerun goes on
         print(f"hmacfs {verb}: interrupted", file=sys.stderr)
         return 130
-    except (OSError, sqlite3.Error, HTTPError) as e:
+    except (OSError, sqlite3.Error, HTTPError, RuntimeError) as e:  # RuntimeError: iso.IsoPackError
         print(f"hmacfs {verb}: failed: {e}", file=sys.stderr)
         return 1
 
@@ -500,4 +523,50 @@ def _bans(tools: Tools, args: argparse.Namespace) -> int:
         return 1
     print(f"hmacfs bans remove: lifted the ban of {key} (a running server follows within a second)",
           file=sys.stderr)
+    return 0
+
+
+def _iso(tools: Tools, args: argparse.Namespace, older_than: Optional[float]) -> int:
+    """`iso pack` (exit 1 when nothing could be packed of what was selected), `iso list`, and
+    `iso verify` (exit 1 on any mismatch)."""
+    from . import iso
+    from .manage import UsageError, show
+
+    if args.iso_verb == "pack":
+        if args.prefix == "":
+            raise UsageError("--prefix must not be empty")
+        report = iso.pack(tools, older_than, args.prefix, args.dry_run)
+        if args.json:
+            print(json.dumps(report.as_dict(), ensure_ascii=False))
+        for path, reason in report.skipped:
+            print(f"hmacfs iso pack: skipped {show(path)}: {reason}", file=sys.stderr)
+        if args.dry_run:
+            print(f"hmacfs iso pack: dry run: {len(report.packed)} file(s) would be packed", file=sys.stderr)
+            return 0
+        for image in report.images:
+            print(f"hmacfs iso pack: {image['image']}: {image['files']} file(s), {image['bytes']} bytes "
+                  f"(image {image['size']} bytes)", file=sys.stderr)
+        print(f"hmacfs iso pack: packed {len(report.packed)} file(s) into {len(report.images)} image(s)",
+              file=sys.stderr)
+        return 0
+    if args.iso_verb == "list":
+        images = iso.listing(tools)
+        if args.json:
+            print(json.dumps(images, ensure_ascii=False))
+            return 0
+        rows: list[Sequence[str]] = []
+        for image in images:
+            rows.append((image["image"], str(len(image["files"])), str(image["size"] if image["size"] is not None
+                                                                      else "missing")))
+            rows += [("  " + show(f["path"]), "", str(f["size"])) for f in image["files"]]
+        _print_table(("IMAGE / PATH", "FILES", "BYTES"), rows, right=(1, 2))
+        return 0
+    problems = iso.verify(tools)
+    if args.json:
+        print(json.dumps([{"path": p, "problem": m} for p, m in problems], ensure_ascii=False))
+    for path, problem in problems:
+        print(f"hmacfs iso verify: {show(path)}: {problem}", file=sys.stderr)
+    if problems:
+        return 1
+    print("hmacfs iso verify: every packed file matches its sha256", file=sys.stderr)
     return 0

@@ -23,11 +23,13 @@ from .units import format_duration, format_size, parse_duration, parse_size
 
 if sys.version_info >= (3, 11):
     import tomllib
-else:  # pragma: no cover - exercised on Python < 3.11 only
+else:  # pragma: no cover - exercised on Python < 3.11 only (tests/integration/test_any_host.py)
+    # An installed tomli wins (the operator may have a newer one); otherwise the copy vendored in
+    # hmacfs/_vendor, so that the single-file build reads its config on a bare Python 3.9 host.
     try:
         import tomli as tomllib
     except ImportError:
-        tomllib = None
+        from ._vendor import tomli as tomllib
 
 PLACEHOLDER_SECRETS = frozenset({
     "", "changeme", "change-me", "secret", "your-secret-key", "your-secure-secret-key",
@@ -208,9 +210,7 @@ SECTIONS = tuple(dict.fromkeys(k.section for k in SCHEMA))
 # release. Turning one on must never look like it worked: each is reported as a warning
 # at start and by check-config.
 NOT_YET_IMPLEMENTED = {
-    ("iso", "enabled"): "ISO containers",
     ("redis", "redisenabled"): "Redis shared state",
-    ("server", "networkevents"): "network event monitoring",
 }
 
 
@@ -386,9 +386,7 @@ def normalize_prefix(prefix: str) -> str:
 
 
 def read_toml(path: str) -> dict[str, Any]:
-    """Parse a TOML file, with a clear error when no TOML reader is available."""
-    if tomllib is None:
-        raise ConfigError("reading TOML needs Python 3.11+ or the 'tomli' package (pip install tomli)")
+    """Parse a TOML file with `tomllib`, else tomli (installed or vendored): a reader always exists."""
     try:
         with open(path, "rb") as f:
             return tomllib.load(f)

@@ -93,10 +93,17 @@ def _serve_cached(app: App, ex: Exchange, signed_path: str, record: Optional[Fil
 
 
 def _serve_opened(app: App, ex: Exchange, signed_path: str, record: Optional[FileRecord]) -> None:
+    if record is not None and record.image:
+        _serve_packed(app, ex, signed_path, record)
+        return
     opened = app.catalog.open_current(signed_path, record)
     if opened is None:
         if record is not None and record.ref:
             raise HTTPError(500, "the stored bytes of this file are missing")
+        fresh = app.catalog.fresh(signed_path) if record is not None else None
+        if fresh is not None and fresh.image:  # packed by `hmacfs iso pack` since the row was cached
+            _serve_packed(app, ex, signed_path, fresh)
+            return
         raise HTTPError(404, "not found")
     fd, st = opened
     try:
@@ -110,6 +117,17 @@ def _serve_opened(app: App, ex: Exchange, signed_path: str, record: Optional[Fil
         _serve(app, ex, signed_path, record, st, fd=fd)
     finally:
         os.close(fd)
+
+
+def _serve_packed(app: App, ex: Exchange, signed_path: str, record: FileRecord) -> None:
+    """A file packed into an ISO image: its slice of the image, read (or sent) at the offset."""
+    packed = app.catalog.open_packed(record)
+    if packed is None:
+        raise HTTPError(500, "the stored bytes of this file are missing")
+    try:
+        _serve(app, ex, signed_path, record, packed.st, fd=packed.fd, base=packed.offset)
+    finally:
+        os.close(packed.fd)
 
 
 def _serve_version(app: App, ex: Exchange, signed_path: str, record: Optional[FileRecord], text: str) -> None:
@@ -190,9 +208,11 @@ def ranges_on(app: App) -> bool:
 
 
 def _serve(app: App, ex: Exchange, signed_path: str, record: FileRecord, st: os.stat_result,
-           fd: Optional[int] = None, data: Optional[bytes] = None, cache: Optional[str] = None) -> None:
+           fd: Optional[int] = None, data: Optional[bytes] = None, cache: Optional[str] = None,
+           base: int = 0) -> None:
     """Conditionals, Range and headers, then the body from `data` (small files), `fd`, or the
-    decrypted segments of `fd` (encrypted files)."""
+    decrypted segments of `fd` (encrypted files). `base`: where the file starts in `fd` (a
+    file packed into an ISO image; never encrypted)."""
     reader = _reader(app, signed_path, record, fd, st) if record.encrypted else None
     size = reader.plaintext_size if reader is not None else st.st_size
     headers = ex.req.headers
@@ -221,7 +241,7 @@ def _serve(app: App, ex: Exchange, signed_path: str, record: FileRecord, st: os.
     if reader is not None:
         _send_decrypted(app, ex, signed_path, status, common, reader, body)
     elif body.framed:
-        read = partial(_slices, memoryview(data)) if data is not None else partial(_pread_blocks, fd)
+        read = partial(_slices, memoryview(data)) if data is not None else partial(_pread_blocks, fd, base=base)
         ex.send_stream(status, common, body.length, body.pieces(read))
     else:
         first, last = body.spans[0] if body.spans else (0, -1)
@@ -229,7 +249,7 @@ def _serve(app: App, ex: Exchange, signed_path: str, record: FileRecord, st: os.
             ex.send(status, common, data[first:last + 1] if status == 206 else data)
         else:
             assert fd is not None
-            ex.send_file(status, common, fd, first, last - first + 1)
+            ex.send_file(status, common, fd, base + first, last - first + 1)
 
 
 class Body(NamedTuple):
@@ -300,11 +320,12 @@ def _slices(view: memoryview, first: int, last: int) -> Generator[memoryview, No
     yield view[first:last + 1]
 
 
-def _pread_blocks(fd: int, first: int, last: int) -> Generator[memoryview, None, None]:
-    """Bytes first..last of a plain file in READ_BLOCK reads: memory stays bounded per part."""
+def _pread_blocks(fd: int, first: int, last: int, base: int = 0) -> Generator[memoryview, None, None]:
+    """Bytes first..last of a plain file (starting at `base` in `fd`) in READ_BLOCK reads: memory
+    stays bounded per part."""
     offset = first
     while offset <= last:
-        chunk = os.pread(fd, min(READ_BLOCK, last + 1 - offset), offset)
+        chunk = os.pread(fd, min(READ_BLOCK, last + 1 - offset), base + offset)
         if not chunk:
             raise OSError("file shrank while being sent")
         yield memoryview(chunk)

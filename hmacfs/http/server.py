@@ -12,6 +12,7 @@ Strategy: `ThreadingHTTPServer` gives each connection a thread. On top of it:
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -29,6 +30,7 @@ from ..errors import HTTPError
 from ..handlers.service import handle_health, handle_metrics
 from ..services import systemd
 from ..services.logs import AccessLog, reopen_logs, set_level
+from ..services.netevents import AddressEvent, AddressWatcher, answers, same_address
 from .clientaddr import Network, in_networks, parse_networks, peer_key
 from .connection import ConnectionHandler
 from .exchange import refusal
@@ -244,6 +246,31 @@ class HmacfsServer(ThreadingHTTPServer):
     def handle_error(self, request, client_address) -> None:  # type: ignore[override]
         log.debug("connection error from %s", client_address, exc_info=True)
 
+    def relisten(self) -> None:
+        """Listen again on the same address, on a fresh socket put under the same descriptor
+        (dup2 closes the old one first, which frees the port), so the accept loop polling that
+        descriptor goes on without a restart. For a listener left broken by its address going
+        away; an OSError (the address is not back) leaves it for the next event."""
+        try:  # wakes the accept loop's poll, which holds the old socket (and its port) while it waits
+            self.socket.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        fresh = socket.socket(self.address_family, self.socket_type)
+        try:
+            os.dup2(fresh.fileno(), self.socket.fileno())
+        finally:
+            fresh.close()
+        deadline = time.monotonic() + 2.0
+        while True:
+            try:
+                self.server_bind()
+                break
+            except OSError as e:  # EADDRINUSE until that poll returns and lets the old socket go
+                if e.errno != errno.EADDRINUSE or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        self.server_activate()
+
     @property
     def bound_address(self) -> str:
         if self.address_family == socket.AF_UNIX:
@@ -294,6 +321,26 @@ class Service:
                                                self.access_log, role="metrics")
         self._stop = threading.Event()
         self._reload = threading.Event()
+        self.netwatch = AddressWatcher(self._address_changed, self.app.metrics) if config.server.networkevents else None
+
+    def _address_changed(self, event: AddressEvent) -> None:
+        """The address a listener is bound to came back: if that listener no longer takes
+        connections (an IPv6 one may not), bind it again. Wildcard and Unix listeners, and
+        sockets systemd passed us, never need it."""
+        if event.kind != "added":
+            return
+        for s in (self.server, self.metrics_server):
+            if (s is None or s.inherited is not None or s.listen.unix_path or not s.listen.host
+                    or not same_address(event.address, s.listen.host)):
+                continue
+            if answers(s.listen.host, s.server_port):
+                log.info("network event: the listener on %s still answers", s.bound_address)
+                continue
+            try:
+                s.relisten()
+                log.info("network event: listening again on %s", s.bound_address)
+            except OSError as e:
+                log.warning("network event: listening again on %s failed: %s", s.bound_address, e)
 
     def _watchdog(self) -> None:
         while not self._stop.wait(1.0):
@@ -316,6 +363,8 @@ class Service:
         threads.append(threading.Thread(target=self._watchdog, name="watchdog", daemon=True))
         self.access_log.start()
         self.app.start_background()
+        if self.netwatch is not None:
+            self.netwatch.start()
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self.request_stop)
             signal.signal(signal.SIGINT, self.request_stop)
@@ -323,7 +372,7 @@ class Service:
         for t in threads:
             t.start()
         log.info("hmacfs serving %s%s (storage %s, %d upload workers)%s", self.server.bound_address,
-                 self.app.prefix, self.app.store.root, self.app.workers,
+                 self.app.prefix, self.app.store.root, self.app.gate.workers,
                  f"; metrics on {self.metrics_server.bound_address}" if self.metrics_server else "")
         systemd.notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving {self.server.bound_address}")
         while not self._stop.wait(0.2):
@@ -375,6 +424,8 @@ class Service:
                     os.unlink(s.listen.unix_path)
                 except FileNotFoundError:
                     pass
+        if self.netwatch is not None:
+            self.netwatch.stop()
         self.app.stop_background()
         self.access_log.close()
         log.info("stopped")

@@ -115,6 +115,8 @@ def parse_checksum(value: Optional[str]) -> Optional[tuple[str, bytes]]:
         digest = base64.b64decode(parts[1].encode("ascii"), validate=True)
     except (binascii.Error, UnicodeEncodeError, ValueError):
         raise ChecksumError("Upload-Checksum digest is not base64") from None
+    if base64.b64encode(digest).decode("ascii") != parts[1]:  # Python 3.9 takes surplus padding
+        raise ChecksumError("Upload-Checksum digest is not canonical base64")
     if len(digest) != _DIGEST_SIZES[algorithm]:
         raise ChecksumError(f"a {algorithm} digest has {_DIGEST_SIZES[algorithm]} bytes")
     return algorithm, digest

@@ -1,8 +1,9 @@
 """What hmacfs knows about a stored file, and what the pipeline needs from a metadata backend.
 
 Strategy: the file on disk is the truth about *whether* a file exists; the metadata row
-says what it is. Two exceptions, both recorded in the row: a deduplicated file whose
-blob could not be hard-linked at its path (`ref`: the row points at the blob), and old
+says what it is. Three exceptions, all recorded in the row: a deduplicated file whose
+blob could not be hard-linked at its path (`ref`: the row points at the blob), a file
+packed into an ISO image (`image`: the row says where in which image), and old
 versions (their bytes live under `.hmacfs/versions/`). The backends (SQLite here; Redis
 in cluster mode) implement `MetaStore`; the pipeline and handlers use only that.
 """
@@ -29,6 +30,10 @@ class FileRecord:
     blob: Optional[str] = None  # sha256 of the blob holding the bytes, when deduplicated
     ref: bool = False          # no file at the path: the bytes are read from the blob
     encrypted: bool = False    # the bytes on disk are AES-GCM segments (storage/encrypted.py)
+    # Packed into an ISO 9660 image by `hmacfs iso pack` (hmacfs/iso.py): no file at the path,
+    # the bytes are `size` bytes at `image_offset` in the image file `image` (absolute path).
+    image: Optional[str] = None
+    image_offset: int = 0
 
 
 @dataclass(frozen=True)
@@ -126,3 +131,5 @@ class MetaStore(BanStore, Protocol):
     def partial_delete(self, upload_id: str) -> bool: ...
     def partials_expired(self, now: float, limit: int = 1000) -> list[PartialRecord]: ...
     def partial_ids(self) -> set[str]: ...
+    def fresh(self, path: str) -> Optional[FileRecord]: ...
+    def packed(self, image: Optional[str] = None, after: str = "", limit: int = 1000) -> list[FileRecord]: ...

@@ -25,13 +25,13 @@ from .record import BanRecord, FileRecord, PartialRecord, Usage, VersionRecord
 
 log = logging.getLogger("hmacfs")
 SQLITE_FULL = 13
-MIN_SQLITE = (3, 35, 0)  # DELETE/INSERT ... RETURNING (Debian 12, Ubuntu 22.04 and later ship newer)
+MIN_SQLITE = (3, 24, 0)  # upserts (Debian 10 and later); no RETURNING, so Debian 11 (3.34) works
 MAX_DB_PATH_BYTES = 504  # SQLite's unix VFS caps path names at 512 bytes, "-journal" included
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 TOTAL = "\x00total"  # the usage row that counts every file (no uploader can be named so)
 FILE_COLUMNS = ("path, size, content_type, sha256, created, mtime_ns, expires, uploader, version, blob, ref, "
-                "encrypted")
+                "encrypted, image, image_offset")
 VERSION_COLUMNS = "path, version, size, content_type, sha256, created, uploader, blob, location, encrypted"
 PARTIAL_COLUMNS = ("id, path, length, content_type, protocol, created, expires, file_expires, uploader, metadata, "
                    "grant_protocol, completed")
@@ -112,6 +112,13 @@ CREATE INDEX IF NOT EXISTS bans_until ON bans (until);
 """
 BAN_COLUMNS = "address, until, created, failures, reason"
 
+# Version 5: files packed into ISO 9660 images (hmacfs/iso.py): which image, at which byte.
+V5 = """
+ALTER TABLE files ADD COLUMN image TEXT;
+ALTER TABLE files ADD COLUMN image_offset INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX IF NOT EXISTS files_image ON files (image) WHERE image IS NOT NULL;
+"""
+
 # Usage rows follow every insert, update and delete of files and versions, in the same
 # transaction, whoever writes (the server or the `hmacfs files` tools).
 _USAGE_TRIGGERS = "".join(f"""
@@ -147,7 +154,7 @@ class SqliteMeta:
         self.db_path = db_path
         if sqlite3.sqlite_version_info < MIN_SQLITE:
             raise StartupError(f"the SQLite library is {sqlite3.sqlite_version}; hmacfs needs "
-                               f"{'.'.join(map(str, MIN_SQLITE))} or newer (RETURNING, upserts)")
+                               f"{'.'.join(map(str, MIN_SQLITE))} or newer (upserts)")
         if len(os.fsencode(db_path)) > MAX_DB_PATH_BYTES:
             raise StartupError(f"the storage path is too long: SQLite cannot open {db_path!r} "
                                f"({len(os.fsencode(db_path))} bytes, at most {MAX_DB_PATH_BYTES}); "
@@ -183,7 +190,9 @@ class SqliteMeta:
             self._db.execute(VERSIONS_BY_LOCATION)
             return
         steps = (TABLES + V2 + _USAGE_TRIGGERS if found < 2 else "") + VERSIONS_BY_LOCATION + ";"
-        script = f"BEGIN IMMEDIATE;{steps}{V3}{V4}PRAGMA user_version = {SCHEMA_VERSION};COMMIT;"
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(files)")}
+        v5 = "" if "image" in columns else V5  # ALTER TABLE ADD COLUMN has no IF NOT EXISTS: run it once
+        script = f"BEGIN IMMEDIATE;{steps}{V3}{V4}{v5}PRAGMA user_version = {SCHEMA_VERSION};COMMIT;"
         try:
             self._db.executescript(script)
         except BaseException:
@@ -199,6 +208,16 @@ class SqliteMeta:
         try:
             with self._db_lock:
                 return self._db.execute(sql, params).fetchall()
+        except sqlite3.OperationalError as e:
+            if _is_full(e):
+                raise storage_full() from e
+            raise
+
+    def _changes(self, sql: str, params: tuple = ()) -> int:
+        """Run one statement; how many rows it inserted, changed or deleted."""
+        try:
+            with self._db_lock:
+                return self._db.execute(sql, params).rowcount
         except sqlite3.OperationalError as e:
             if _is_full(e):
                 raise storage_full() from e
@@ -246,7 +265,10 @@ class SqliteMeta:
         return record
 
     def _remember(self, record: FileRecord) -> None:
-        if not self._cache_size or record.ref:  # a ref row is the only trace of its file: always read it fresh
+        if not self._cache_size:
+            return
+        if record.ref or record.image:  # the only trace of its file: always read fresh
+            self._forget(record.path)  # nor keep what the path held before
             return
         with self._cache_lock:
             self._cache[record.path] = record
@@ -261,21 +283,22 @@ class SqliteMeta:
     def put(self, record: FileRecord) -> None:
         """Insert or replace the row of `record.path`."""
         self._execute(
-            f"INSERT INTO files ({FILE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            f"INSERT INTO files ({FILE_COLUMNS}) VALUES ({', '.join('?' * 14)}) "
             "ON CONFLICT(path) DO UPDATE SET size = excluded.size, content_type = excluded.content_type, "
             "sha256 = excluded.sha256, created = excluded.created, mtime_ns = excluded.mtime_ns, "
             "expires = excluded.expires, uploader = excluded.uploader, version = excluded.version, "
-            "blob = excluded.blob, ref = excluded.ref, encrypted = excluded.encrypted", _file_row(record))
+            "blob = excluded.blob, ref = excluded.ref, encrypted = excluded.encrypted, image = excluded.image, "
+            "image_offset = excluded.image_offset", _file_row(record))
         self._remember(record)
 
     def put_new(self, record: FileRecord) -> bool:
         """Insert the row unless the path has one; False when it has (a racing upload won)."""
-        rows = self._execute(
-            f"INSERT INTO files ({FILE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT(path) DO NOTHING RETURNING path", _file_row(record))
-        if rows:
+        inserted = self._changes(
+            f"INSERT INTO files ({FILE_COLUMNS}) VALUES ({', '.join('?' * 14)}) "
+            "ON CONFLICT(path) DO NOTHING", _file_row(record))
+        if inserted:
             self._remember(record)
-        return bool(rows)
+        return bool(inserted)
 
     def take(self, path: str, expired_at: Optional[float] = None) -> Optional[FileRecord]:
         """Delete the row of `path` and return it as it was in the database (not the cache):
@@ -283,11 +306,12 @@ class SqliteMeta:
         process (the `hmacfs files` tools) removed it first. With `expired_at`, only a row that
         is still expired then (a fresh upload in its place is left alone)."""
         self._forget(path)
-        if expired_at is None:
-            rows = self._execute(f"DELETE FROM files WHERE path = ? RETURNING {FILE_COLUMNS}", (path,))
-        else:
-            rows = self._execute(f"DELETE FROM files WHERE path = ? AND expires IS NOT NULL AND expires <= ? "
-                                 f"RETURNING {FILE_COLUMNS}", (path, expired_at))
+        where, params = ("path = ?", (path,)) if expired_at is None else (
+            "path = ? AND expires IS NOT NULL AND expires <= ?", (path, expired_at))
+        with self.transaction():  # the row as read is the row deleted (BEGIN IMMEDIATE: across processes)
+            rows = self._execute(f"SELECT {FILE_COLUMNS} FROM files WHERE {where}", params)
+            if rows:
+                self._execute(f"DELETE FROM files WHERE {where}", params)
         return _file(rows[0]) if rows else None
 
     def expired(self, now: float, limit: int = 1000) -> list[FileRecord]:
@@ -312,22 +336,40 @@ class SqliteMeta:
                              (*params, limit))
         return [_file(row) for row in rows]
 
+    def fresh(self, path: str) -> Optional[FileRecord]:
+        """The row of `path` as the database has it now (not the cache): another process (`hmacfs
+        iso pack`) may have moved the file into an image since the cached row was read."""
+        self._forget(path)
+        return self.get(path)
+
+    def packed(self, image: Optional[str] = None, after: str = "", limit: int = 1000) -> list[FileRecord]:
+        """Rows of files packed into ISO images (of `image` only, when given), by path."""
+        where, params = "image IS NOT NULL AND path > ?", [after]
+        if image is not None:
+            where += " AND image = ?"
+            params.append(image)
+        rows = self._execute(f"SELECT {FILE_COLUMNS} FROM files WHERE {where} ORDER BY path LIMIT ?",
+                             (*params, limit))
+        return [_file(row) for row in rows]
+
     # -- blobs (deduplication) ------------------------------------------------------------------
 
     def blob_acquire(self, sha256: str, size: int) -> int:
         """One more reference to a blob (made at 1); returns the count after."""
-        rows = self._execute("INSERT INTO blobs (sha256, size, refs) VALUES (?, ?, 1) ON CONFLICT(sha256) "
-                             "DO UPDATE SET refs = refs + 1 RETURNING refs", (sha256, size))
-        return int(rows[0][0])
+        with self.transaction():
+            self._execute("INSERT INTO blobs (sha256, size, refs) VALUES (?, ?, 1) ON CONFLICT(sha256) "
+                          "DO UPDATE SET refs = refs + 1", (sha256, size))
+            return self.blob_refs(sha256)
 
     def blob_release(self, sha256: str) -> int:
         """One reference less; the row goes at 0. Returns the count after (0: unreferenced)."""
         with self.transaction():
-            rows = self._execute("UPDATE blobs SET refs = refs - 1 WHERE sha256 = ? RETURNING refs", (sha256,))
-            if not rows or rows[0][0] <= 0:
+            self._execute("UPDATE blobs SET refs = refs - 1 WHERE sha256 = ?", (sha256,))
+            refs = self.blob_refs(sha256)
+            if refs <= 0:
                 self._execute("DELETE FROM blobs WHERE sha256 = ?", (sha256,))
                 return 0
-            return int(rows[0][0])
+            return refs
 
     def blob_refs(self, sha256: str) -> int:
         rows = self._execute("SELECT refs FROM blobs WHERE sha256 = ?", (sha256,))
@@ -432,7 +474,7 @@ class SqliteMeta:
         return _partial(rows[0]) if rows else None
 
     def partial_delete(self, upload_id: str) -> bool:
-        return bool(self._execute("DELETE FROM partials WHERE id = ? RETURNING id", (upload_id,)))
+        return bool(self._changes("DELETE FROM partials WHERE id = ?", (upload_id,)))
 
     def partials_expired(self, now: float, limit: int = 1000) -> list[PartialRecord]:
         rows = self._execute(f"SELECT {PARTIAL_COLUMNS} FROM partials WHERE expires <= ? ORDER BY expires LIMIT ?",
@@ -455,7 +497,7 @@ class SqliteMeta:
         return BanRecord(*rows[0]) if rows else None
 
     def ban_remove(self, address: str) -> bool:
-        return bool(self._execute("DELETE FROM bans WHERE address = ? RETURNING address", (address,)))
+        return bool(self._changes("DELETE FROM bans WHERE address = ?", (address,)))
 
     def bans_active(self, now: float) -> list[BanRecord]:
         """Bans still in force at `now`, the longest-running first."""
@@ -465,7 +507,7 @@ class SqliteMeta:
 
     def bans_purge(self, now: float) -> int:
         """Remove bans that ended by `now`; returns how many."""
-        return len(self._execute("DELETE FROM bans WHERE until <= ? RETURNING address", (now,)))
+        return self._changes("DELETE FROM bans WHERE until <= ?", (now,))
 
 
 def _partial(row: tuple) -> PartialRecord:
@@ -474,11 +516,11 @@ def _partial(row: tuple) -> PartialRecord:
 
 def _file_row(r: FileRecord) -> tuple:
     return (r.path, r.size, r.content_type, r.sha256, r.created, r.mtime_ns, r.expires, r.uploader, r.version,
-            r.blob, int(r.ref), int(r.encrypted))
+            r.blob, int(r.ref), int(r.encrypted), r.image, r.image_offset)
 
 
 def _file(row: tuple) -> FileRecord:
-    return FileRecord(*row[:10], ref=bool(row[10]), encrypted=bool(row[11]))
+    return FileRecord(*row[:10], ref=bool(row[10]), encrypted=bool(row[11]), image=row[12], image_offset=row[13])
 
 
 def _version(row: tuple) -> VersionRecord:

@@ -288,6 +288,8 @@ class ServerMetrics:
                                    "unscanned, too_large, error).", ("result",)))
         self.thumbnails = r.add(Counter("hmacfs_thumbnails_total", "Thumbnails by result (made, failed: a broken "
                                         "or hostile image, or ImageMagick's limits).", ("result",)))
+        self.address_changes = r.add(Counter("hmacfs_network_address_changes_total",
+                                             "Host addresses added or removed (networkevents).", ("kind",)))
 
     def watch_storage(self, app) -> None:
         """Gauges of the store and the metadata (no uploader in any label), read at most every

@@ -164,10 +164,11 @@ def test_shipped_config_loads_cleanly() -> None:
 
 
 def test_enabled_but_unimplemented_features_are_reported(tmp_path: Path) -> None:
-    cfg = load_text(tmp_path, f'[iso]\nenabled = true\n[security]\nsecret = "{STRONG}"\n')
-    assert any("ISO" in p and "not implemented" in p for p in cfg.pending)
-    on = load_text(tmp_path, f'[thumbnails]\nenabled = true\n[security]\nsecret = "{STRONG}"\n')
-    assert not any("thumbnails" in p for p in on.pending)
+    cfg = load_text(tmp_path, f'[redis]\nredisenabled = true\n[security]\nsecret = "{STRONG}"\n')
+    assert any("Redis" in p and "not implemented" in p for p in cfg.pending)
+    for section in ("thumbnails", "iso"):
+        on = load_text(tmp_path, f'[{section}]\nenabled = true\n[security]\nsecret = "{STRONG}"\n')
+        assert on.pending == (), section
 
 
 @pytest.mark.parametrize("size", ["200", "0x10", "10x", "axb", "5000x10", "-1x5"])

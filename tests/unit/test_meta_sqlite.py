@@ -8,9 +8,9 @@ from hmacfs.meta import sqlite as meta_sqlite
 
 
 def test_an_old_sqlite_library_is_refused(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(meta_sqlite.sqlite3, "sqlite_version_info", (3, 34, 1))
-    monkeypatch.setattr(meta_sqlite.sqlite3, "sqlite_version", "3.34.1")
-    with pytest.raises(StartupError, match=r"3\.34\.1; hmacfs needs 3\.35\.0 or newer"):
+    monkeypatch.setattr(meta_sqlite.sqlite3, "sqlite_version_info", (3, 23, 1))
+    monkeypatch.setattr(meta_sqlite.sqlite3, "sqlite_version", "3.23.1")
+    with pytest.raises(StartupError, match=r"3\.23\.1; hmacfs needs 3\.24\.0 or newer"):
         meta_sqlite.SqliteMeta(str(tmp_path / "m.sqlite3"))
     assert not (tmp_path / "m.sqlite3").exists()
 
