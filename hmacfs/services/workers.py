@@ -19,6 +19,7 @@ import math
 import os
 import threading
 import time
+from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
@@ -158,38 +159,57 @@ def machine_resources(proc: str = "/proc", cgroup_root: str = "/sys/fs/cgroup") 
                      parse_cpu_max(cpu_max) if cpu_max else None)
 
 
+class _Waiter:
+    """An upload waiting in the queue: granted a worker directly by the one that lets go."""
+
+    __slots__ = ("event", "granted", "owner")
+
+    def __init__(self, owner: Optional[str]) -> None:
+        self.owner = owner
+        self.granted = False
+        self.event = threading.Event()
+
+
 class UploadGate:
-    """Admission control for uploads, with a pool of reusable receive buffers."""
+    """Admission control for uploads, with a pool of reusable receive buffers.
+
+    Waiters queue in arrival order and are handed a worker by whoever lets one go (no
+    thundering herd: waking every waiter on every release cost 4x at 256 connections).
+    Fairness: the last `reserve` free workers go only to client addresses holding none."""
 
     def __init__(self, workers: int, queue_size: int, metrics=None) -> None:
         self.workers = workers
         self.queue_size = queue_size
         self.metrics = metrics
         self.active = 0
-        self.waiting = 0
         self.closed = False
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
         self._buffers: list[bytearray] = []
         self._owners: dict[str, int] = {}  # workers held per client address
+        self._queue: deque[_Waiter] = deque()
+        self._queued_owners: dict[Optional[str], int] = {}  # waiters per address
         self.reserve = workers // 4  # free workers kept for clients that hold none
         self.queued_since: Optional[float] = None  # monotonic time the queue last became non-empty
+
+    @property
+    def waiting(self) -> int:
+        return len(self._queue)
 
     def resize(self, workers: int, queue_size: Optional[int] = None) -> None:
         """Change the pool size at run time (auto-adjust, SIGHUP), from any thread.
 
-        Growing wakes the queue at once; shrinking takes no slot away from an upload holding
-        one: the surplus just is not handed out again as those finish. Pooled buffers beyond
-        the new size are let go, so a pool shrunk after a burst gives its memory back."""
+        Growing hands workers to the queue at once; shrinking takes no slot away from an upload
+        holding one: the surplus just is not handed out again as those finish. Pooled buffers
+        beyond the new size are let go, so a pool shrunk after a burst gives its memory back."""
         workers = max(1, workers)
-        with self._cond:
+        with self._lock:
             self.workers = workers
             self.reserve = workers // 4
             if queue_size is not None:
                 self.queue_size = max(0, queue_size)
             del self._buffers[max(0, workers - self.active):]
-            self.queued_since = time.monotonic() if self.waiting else None
+            self._dispatch()
             self._publish()
-            self._cond.notify_all()
 
     def queued_for(self, now: Optional[float] = None) -> float:
         """Seconds the queue has been non-empty without a break (0 when empty)."""
@@ -199,13 +219,13 @@ class UploadGate:
         return max(0.0, (time.monotonic() if now is None else now) - since)
 
     def _publish(self) -> None:
-        if self.waiting and self.queued_since is None:
+        if self._queue and self.queued_since is None:
             self.queued_since = time.monotonic()
-        elif not self.waiting:
+        elif not self._queue:
             self.queued_since = None
         if self.metrics is not None:
             self.metrics.uploads_active.set(self.active)
-            self.metrics.upload_queue.set(self.waiting)
+            self.metrics.upload_queue.set(len(self._queue))
 
     def _may_take(self, owner: Optional[str]) -> bool:
         """A free worker, and fairness: the last `reserve` free workers go only to clients (by
@@ -215,6 +235,33 @@ class UploadGate:
         if free <= 0:
             return False
         return owner is None or free > self.reserve or not self._owners.get(owner)
+
+    def _take(self, owner: Optional[str]) -> None:
+        self.active += 1
+        if owner is not None:
+            self._owners[owner] = self._owners.get(owner, 0) + 1
+
+    def _unqueue(self, waiter: _Waiter) -> None:
+        self._queue.remove(waiter)
+        left = self._queued_owners[waiter.owner] - 1
+        if left:
+            self._queued_owners[waiter.owner] = left
+        else:
+            del self._queued_owners[waiter.owner]
+
+    def _dispatch(self) -> None:
+        """Hand free workers to the queue, oldest eligible waiter first (under the lock)."""
+        while self._queue and self.workers - self.active > 0:
+            if self.workers - self.active > self.reserve:
+                waiter = self._queue[0]
+            else:  # only addresses holding nothing may take the reserve: look only if one waits
+                if not any(o is None or not self._owners.get(o) for o in self._queued_owners):
+                    return
+                waiter = next(w for w in self._queue if self._may_take(w.owner))
+            self._unqueue(waiter)
+            self._take(waiter.owner)
+            waiter.granted = True
+            waiter.event.set()
 
     @contextmanager
     def slot(self, size_hint: Optional[int] = None, owner: Optional[str] = None,
@@ -227,30 +274,9 @@ class UploadGate:
         to be small gets a buffer of its own size instead of a pooled 1 MiB one, so many small
         concurrent uploads do not touch megabytes each.
         """
-        busy = HTTPError(503, "server busy, retry later", {"Retry-After": RETRY_AFTER})
-        with self._cond:
-            if self.closed:
-                raise HTTPError(503, "server is shutting down", {"Retry-After": RETRY_AFTER})
-            if not self._may_take(owner):
-                if self.waiting >= self.queue_size:
-                    raise busy
-                self.waiting += 1
-                self._publish()
-                try:
-                    while not self._may_take(owner) and not self.closed:
-                        self._cond.wait(GONE_CHECK if gone is not None else None)
-                        if gone is not None and not self._may_take(owner) and gone():
-                            raise ConnectionAbortedError("the client went away while waiting for a worker")
-                finally:
-                    self.waiting -= 1
-                    self._publish()
-                if self.closed:
-                    self._publish()
-                    raise HTTPError(503, "server is shutting down", {"Retry-After": RETRY_AFTER})
-            self.active += 1
-            if owner is not None:
-                self._owners[owner] = self._owners.get(owner, 0) + 1
-            small = size_hint is not None and size_hint < BUFFER_SIZE
+        self._acquire(owner, gone)
+        small = size_hint is not None and size_hint < BUFFER_SIZE
+        with self._lock:
             if small:
                 buf = bytearray(max(size_hint or 0, 1))
             else:
@@ -259,7 +285,7 @@ class UploadGate:
         try:
             yield memoryview(buf)
         finally:
-            with self._cond:
+            with self._lock:
                 self.active -= 1
                 if owner is not None:
                     left = self._owners[owner] - 1
@@ -269,14 +295,45 @@ class UploadGate:
                         del self._owners[owner]
                 if not small and len(self._buffers) < self.workers:
                     self._buffers.append(buf)
+                self._dispatch()
                 self._publish()
-                self._cond.notify_all()  # the rule differs per waiter: let each look again
+
+    def _acquire(self, owner: Optional[str], gone: Optional[Callable[[], bool]]) -> None:
+        """Take a worker now, or queue for one (503 when the queue is full or the gate closed)."""
+        with self._lock:
+            if self.closed:
+                raise HTTPError(503, "server is shutting down", {"Retry-After": RETRY_AFTER})
+            if not self._queue and self._may_take(owner):
+                self._take(owner)
+                return
+            if owner is not None and self._may_take(owner) and not self._owners.get(owner):
+                self._take(owner)  # an address holding nothing may take a free reserved worker at once
+                return
+            if len(self._queue) >= self.queue_size:
+                raise HTTPError(503, "server busy, retry later", {"Retry-After": RETRY_AFTER})
+            waiter = _Waiter(owner)
+            self._queue.append(waiter)
+            self._queued_owners[owner] = self._queued_owners.get(owner, 0) + 1
+            self._publish()
+        while not waiter.event.wait(GONE_CHECK if gone is not None else None):
+            if gone is not None and gone():
+                with self._lock:
+                    if not waiter.granted:
+                        self._unqueue(waiter)
+                        self._publish()
+                        raise ConnectionAbortedError("the client went away while waiting for a worker")
+        if not waiter.granted:  # woken by close()
+            raise HTTPError(503, "server is shutting down", {"Retry-After": RETRY_AFTER})
 
     def close(self) -> None:
-        """Refuse new uploads (those holding a slot finish); wake the queue so it gets 503."""
-        with self._cond:
+        """Refuse new uploads (those holding a slot finish); the queue gets 503 at once."""
+        with self._lock:
             self.closed = True
-            self._cond.notify_all()
+            while self._queue:
+                waiter = self._queue[0]
+                self._unqueue(waiter)
+                waiter.event.set()
+            self._publish()
 
 
 class WorkerTuner:
