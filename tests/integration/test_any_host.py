@@ -78,8 +78,9 @@ class Host:
 
     def config(self, name: str, listen: str, **server: str) -> str:
         """Write a config inside the root; return its path as seen inside."""
+        # a metrics port of its own: the default (9090) may be held by another test running beside it
         doc = {"server": {"listenport": listen, "storagepath": str(self.inside / "data"), "minfreebytes": "1MB",
-                          "urlprefix": "/upload/", **server},
+                          "urlprefix": "/upload/", "metricsport": f"127.0.0.1:{free_port()}", **server},
                "security": {"secret": DEFAULT_SECRET}, "timeouts": {"shutdown": "10s"}}
         (self.outside / name).write_text(toml_writer.dumps(doc))
         return str(self.inside / name)
