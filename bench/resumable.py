@@ -70,6 +70,7 @@ from storage import (
     make_random,
     note_disk,
     rotate,
+    samples_section,
     warm_memory,
     warm_section,
     zipapp,
@@ -905,10 +906,7 @@ def report(run: Run, info: dict[str, str], wall: float, loads: tuple[str, str], 
     out += warm_section(run, "## RAM warm-up before the timed uploads",
                         "Seconds per GiB to fault in and free the warm-up memory, per series, in order of rounds "
                         "(~1 s/GiB: warm RAM; 1.5-3.5 s/GiB: this VM's RAM had gone cold).")
-    out += ["## Raw samples", "", "| set | series | samples (in order of rounds) |", "| --- | --- | --- |"]
-    for key, series in run.samples.items():
-        for name, values in series.items():
-            out.append(f"| {key} | {name} | " + (", ".join(f"{v:,.3f}" for v in values) or "none") + " |")
+    out += samples_section(run.samples)
     out += checks_and_notes(run)
     return "\n".join(out) + "\n"
 

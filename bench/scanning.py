@@ -60,6 +60,7 @@ from storage import (
     make_random,
     note_disk,
     rotate,
+    samples_section,
     warm_memory,
     warm_section,
     zipapp,
@@ -383,18 +384,16 @@ def report(run: storage.Run, info: dict[str, str], wall: float, loads: tuple[str
            "samples of one round.", "",
            "## Where the time goes (medians)", "", *time_table(run), "",
            "clamd alone's last row is the part of clamd's work no overlap can hide: the scanned PUT's "
-           "extra wait should be about that. hmacfs hands each received chunk to clamd from its receive loop "
-           "(a blocking send per chunk, before the chunk is written to disk), so receiving and streaming to "
-           "clamd take turns: on loopback, where this client sends faster than clamd takes a stream, the "
-           "scanned PUT's \"sending\" grows by about clamd alone's time to take the stream (compare the "
-           "\"sending\" row with the Figures' \"stream\"); a client slower than clamd would not see it.", ""]
+           "extra wait should be about that. hmacfs hands each received chunk to a sender thread that "
+           "streams it to clamd (at most four chunks queued), so receiving and streaming run side by side; "
+           "on loopback, where this client sends faster than clamd takes a stream, the scanned PUT's "
+           "\"sending\" still grows toward clamd alone's time to take the stream (compare the \"sending\" "
+           "row with the Figures' \"stream\"), as the queue fills; a client slower than clamd would not see "
+           "it.", ""]
     out += warm_section(run, "## RAM warm-up before the timed PUTs",
                         "Seconds per GiB to fault in and free the warm-up memory, per series, in order of rounds "
                         "(~1 s/GiB: warm RAM; 1.5-3.5 s/GiB: this VM's RAM had gone cold).")
-    out += ["## Raw samples", "", "| set | series | samples (in order of rounds) |", "| --- | --- | --- |"]
-    for key, series in run.samples.items():
-        for name, values in series.items():
-            out.append(f"| {key} | {name} | " + (", ".join(f"{v:,.3f}" for v in values) or "none") + " |")
+    out += samples_section(run.samples)
     out += checks_and_notes(run)
     return "\n".join(out) + "\n"
 

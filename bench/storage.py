@@ -613,6 +613,15 @@ def warm_section(run: Run, heading: str, intro: str) -> list[str]:
             ""]
 
 
+def samples_section(samples: dict[str, dict[str, list[float]]]) -> list[str]:
+    """Every sample of a run, by set and series (the resumable and scanning reports)."""
+    out = ["## Raw samples", "", "| set | series | samples (in order of rounds) |", "| --- | --- | --- |"]
+    for key, series in samples.items():
+        for name, values in series.items():
+            out.append(f"| {key} | {name} | " + (", ".join(f"{v:,.3f}" for v in values) or "none") + " |")
+    return out
+
+
 def checks_and_notes(run: Run) -> list[str]:
     """The report's last two sections: what the sanity checks established, and every note and failure."""
     return ["", "## Checks", "",
