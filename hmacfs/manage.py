@@ -30,7 +30,7 @@ from .pipeline import rebuilt_record, record_for_file, record_matches
 from .policy.paths import decode_segment
 from .storage.blobs import BlobStore
 from .storage.encrypted import plaintext_digest
-from .storage.local import INTERNAL_DIR, LocalStore, fsync_dir
+from .storage.local import INTERNAL_DIR, LocalStore, fsync_dir, unlink_if_present
 
 if TYPE_CHECKING:
     from .storage.encrypted import Keyring
@@ -491,10 +491,7 @@ def _rekey_inode(tools: Tools, ring: Keyring, entry: _Inode, dry_run: bool, repo
             return
     finally:
         if temp is not None:
-            try:
-                os.unlink(temp)
-            except FileNotFoundError:
-                pass
+            unlink_if_present(temp)
     if replaced:
         if temp is None:
             report.relinked += 1
@@ -560,10 +557,7 @@ def _reencrypt(tools: Tools, ring: Keyring, entry: _Inode) -> Optional[str]:
                     writer.finish()
                     os.fsync(out.fileno())
             except BaseException:
-                try:
-                    os.unlink(temp)
-                except FileNotFoundError:
-                    pass
+                unlink_if_present(temp)
                 raise
             return temp
         finally:

@@ -33,6 +33,8 @@ import time
 from typing import TYPE_CHECKING, Callable, NamedTuple, Optional
 
 from ..meta import FileRecord
+from ..pipeline import ENCRYPTED_MAGIC
+from ..storage.local import unlink_if_present
 
 if TYPE_CHECKING:
     from ..catalog import Catalog
@@ -208,19 +210,22 @@ class Thumbnailer:
             except OSError:
                 continue
             head = os.pread(fd, 8, 0)
-            return Thumb(fd, os.fstat(fd), ctype, head == b"HMFSAEAD")
+            return Thumb(fd, os.fstat(fd), ctype, head == ENCRYPTED_MAGIC)
         return None
 
     def remove(self, signed_path: str) -> None:
         """Catalog.remove's hook: the thumbnail goes with its file."""
-        base = self._base(signed_path)
+        try:
+            self._remove_formats(self._base(signed_path))
+        except OSError as e:
+            log.warning("could not remove the thumbnail of %r: %s", signed_path, e)
+
+    @staticmethod
+    def _remove_formats(base: str, keep: Optional[str] = None) -> None:
+        """Every format's thumbnail file of one path, but `keep`'s."""
         for fmt in THUMB_TYPES:
-            try:
-                os.unlink(f"{base}.{fmt}")
-            except FileNotFoundError:
-                pass
-            except OSError as e:
-                log.warning("could not remove the thumbnail of %r: %s", signed_path, e)
+            if fmt != keep:
+                unlink_if_present(f"{base}.{fmt}")
 
     def has(self, signed_path: str) -> bool:
         base = self._base(signed_path)
@@ -364,10 +369,7 @@ class Thumbnailer:
             log.debug("thumbnail of %r made in %.2fs", path, time.monotonic() - started)
             return True
         finally:
-            try:
-                os.unlink(out)
-            except FileNotFoundError:
-                pass
+            unlink_if_present(out)
 
     def _place(self, path: str, made: str, out_format: str) -> None:
         """Rename the thumbnail into place (after encrypting it, with encryption on); the other
@@ -394,17 +396,9 @@ class Thumbnailer:
                 os.fsync(dst.fileno())
             os.replace(temp, final)
         except BaseException:
-            try:
-                os.unlink(temp)
-            except FileNotFoundError:
-                pass
+            unlink_if_present(temp)
             raise
-        for fmt in THUMB_TYPES:
-            if fmt != out_format:
-                try:
-                    os.unlink(f"{base}.{fmt}")
-                except FileNotFoundError:
-                    pass
+        self._remove_formats(base, keep=out_format)
 
     # -- the periodic scan ----------------------------------------------------------------------
 

@@ -209,10 +209,7 @@ class LocalStore:
         if later:
             self._unlinker().put(temp_path)
             return
-        try:
-            os.unlink(temp_path)
-        except FileNotFoundError:
-            pass
+        unlink_if_present(temp_path)
 
     def _unlinker(self) -> queue.SimpleQueue:
         with self._lock:
@@ -381,6 +378,16 @@ def _lock_store(path: str) -> int:
 
 def _is_regular(st: os.stat_result) -> bool:
     return stat.S_ISREG(st.st_mode)
+
+
+def unlink_if_present(path: str) -> bool:
+    """Remove a file that may already be gone (a crash's leftover, a racing cleanup); True if it
+    was there."""
+    try:
+        os.unlink(path)
+        return True
+    except FileNotFoundError:
+        return False
 
 
 def fsync_dir(path: str) -> None:

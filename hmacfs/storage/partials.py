@@ -30,7 +30,7 @@ import struct
 import time
 from typing import TYPE_CHECKING, Iterator, Optional
 
-from .local import fsync_dir
+from .local import fsync_dir, unlink_if_present
 
 if TYPE_CHECKING:
     from .encrypted import Keyring
@@ -214,14 +214,9 @@ class PartialFiles:
             os.close(fd)
 
     def remove(self, upload_id: str) -> bool:
-        removed = False
-        for path in (self._name(upload_id), self._name(upload_id) + SEALED):
-            try:
-                os.unlink(path)
-                removed = True
-            except FileNotFoundError:
-                pass
-        return removed
+        plain = self._name(upload_id)
+        removed = [unlink_if_present(path) for path in (plain, plain + SEALED)]
+        return any(removed)
 
     def orphans(self, known: set[str], older_than: float) -> list[str]:
         """Uploads with a file but no row (a crash between creating the file and its row), last
