@@ -133,19 +133,14 @@ def _cost(record: FileRecord) -> int:
 
 def _candidates(tools: Tools, older_than: Optional[float], prefix: Optional[str],
                 report: PackReport) -> Iterator[FileRecord]:
-    created_before = time.time() - older_than if older_than is not None else None
-    after = ""
-    while True:
-        page = tools.meta.select(prefix=prefix, created_before=created_before, after=after, limit=PAGE)
-        if not page:
-            return
-        after = page[-1].path
-        for record in page:
-            reason = _unpackable(tools, record)
-            if reason is None:
-                yield record
-            elif reason:
-                report.skipped.append((record.path, reason))
+    from .manage import list_files  # manage imports this module
+
+    for record in list_files(tools, prefix=prefix, older_than_seconds=older_than):
+        reason = _unpackable(tools, record)
+        if reason is None:
+            yield record
+        elif reason:
+            report.skipped.append((record.path, reason))
 
 
 def _unpackable(tools: Tools, record: FileRecord) -> Optional[str]:
@@ -308,17 +303,24 @@ def _remove_leftover(tools: Tools, path: str, identity: tuple[int, int, int, int
 
 def _tidy(tools: Tools) -> int:
     """Files still at the path of a packed row (a pack interrupted after its commit): removed."""
-    count, after = 0, ""
+    count = 0
+    for record in _packed_rows(tools):
+        st = tools.store.stat(record.path)
+        if st is not None and record_matches(record, st):
+            _remove_leftover(tools, record.path, _identity(st))
+            count += 1
+    return count
+
+
+def _packed_rows(tools: Tools) -> Iterator[FileRecord]:
+    """Every packed row, by path, a page at a time (memory stays flat)."""
+    after = ""
     while True:
         page = tools.meta.packed(after=after, limit=PAGE)
         if not page:
-            return count
+            return
+        yield from page
         after = page[-1].path
-        for record in page:
-            st = tools.store.stat(record.path)
-            if st is not None and record_matches(record, st):
-                _remove_leftover(tools, record.path, _identity(st))
-                count += 1
 
 
 # -- list and verify ---------------------------------------------------------------------------------
@@ -331,14 +333,9 @@ def packed_by_image(tools: Tools) -> dict[str, list[FileRecord]]:
         for name in sorted(os.listdir(directory)):
             if name.endswith(".iso") and not name.startswith("."):
                 images[os.path.join(directory, name)] = []
-    after = ""
-    while True:
-        page = tools.meta.packed(after=after, limit=PAGE)
-        if not page:
-            return images
-        after = page[-1].path
-        for record in page:
-            images.setdefault(record.image or "", []).append(record)
+    for record in _packed_rows(tools):
+        images.setdefault(record.image or "", []).append(record)
+    return images
 
 
 def listing(tools: Tools) -> list[dict]:
