@@ -93,10 +93,14 @@ def test_size_rotation_keeps_n_backups(hmacfs_factory) -> None:
     assert files == [LOGFILE, LOGFILE + ".1", LOGFILE + ".2"], files
     for p in files:
         assert (srv.workdir / p).stat().st_size <= 2048
-    # The kept files are the newest lines, in order, none lost between them.
+    # The kept files are the newest lines, each once, none lost between them. Their order is the
+    # order requests ended in, not strictly the order they were sent: a request's access line is
+    # handed to the writer after its response, so the next request (on a new connection) may get
+    # there first; a swap of two neighbours is not a rotation fault.
     text = "".join(read(srv.workdir / p) for p in (LOGFILE + ".2", LOGFILE + ".1", LOGFILE))
     seen = [int(m) for m in re.findall(r"rot-(\d{3})\.txt", text)]
-    assert seen == list(range(seen[0], 120)) and seen[0] > 0
+    assert sorted(seen) == list(range(min(seen), 120)) and min(seen) > 0
+    assert all(abs(n - i) <= 2 for i, n in enumerate(seen, start=min(seen))), seen  # no file out of place
 
 
 def test_logfile_reopen_follows_a_move(tmp_path: Path) -> None:
