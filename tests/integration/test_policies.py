@@ -81,6 +81,8 @@ def test_worker_queue_full_503(hmacfs_factory) -> None:
 
 def test_maxconnections_503(hmacfs_factory) -> None:
     srv = hmacfs_factory({"server": {"maxconnections": 2}})
+    # The start-up probe's connection may not be reaped yet: with it, the second held one is refused.
+    wait_for_gauge(srv, "hmacfs_open_connections", at_most=0)
     held = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(2)]
     try:
         wait_for_gauge(srv, "hmacfs_open_connections", 2)

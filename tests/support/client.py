@@ -86,13 +86,19 @@ def put(srv, signed_path: str, data: bytes, protocol: str = "v", content_type: O
     return request(srv.port, "PUT", target, data, h)
 
 
-def wait_for_gauge(srv, sample: str, at_least: float) -> None:
-    """Poll the metrics endpoint until a gauge reaches a value (the server's own view of its state)."""
+def gauge_value(srv, sample: str) -> float:
+    """One sample's value in a scrape of the metrics endpoint (NaN when it is absent)."""
+    text = request(srv.metrics_port, "GET", "/metrics").body.decode()
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(sample + " ")]
+    return values[0] if values else float("nan")
+
+
+def wait_for_gauge(srv, sample: str, at_least: float = float("-inf"), at_most: float = float("inf")) -> None:
+    """Poll the metrics endpoint until a gauge is within bounds (the server's own view of its state)."""
     deadline = time.monotonic() + 10
     while True:
-        text = request(srv.metrics_port, "GET", "/metrics").body.decode()
-        values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(sample + " ")]
-        if values and values[0] >= at_least:
+        value = gauge_value(srv, sample)
+        if at_least <= value <= at_most:
             return
-        assert time.monotonic() < deadline, f"{sample} never reached {at_least}"
+        assert time.monotonic() < deadline, f"{sample} = {value}, never within [{at_least}, {at_most}]"
         time.sleep(0.02)
