@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 # npm is not listed: Debian ships it apart from nodejs, but NodeSource's nodejs bundles it and
 # conflicts with Debian's npm package, so npm is installed below only if the command is missing.
 APT_PACKAGES=(python3 python3-venv prosody prosody-modules ejabberd chromium chromium-driver nginx haproxy openssl curl wrk
-              nodejs fail2ban clamav-daemon imagemagick logrotate systemd prometheus genisoimage xorriso debootstrap iproute2)
+              nodejs fail2ban clamav-daemon imagemagick logrotate systemd prometheus genisoimage xorriso debootstrap iproute2 redis-server)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
