@@ -34,6 +34,10 @@ class FileRecord:
     # the bytes are `size` bytes at `image_offset` in the image file `image` (absolute path).
     image: Optional[str] = None
     image_offset: int = 0
+    # On the S3 backend (storage/s3store.py): the object holding the bytes. Every upload gets
+    # an object of its own, so a path is never overwritten in the bucket: this row says which
+    # object is the file (None on the local backend, where the file is at its path).
+    object_key: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,7 @@ class VersionRecord:
     blob: Optional[str] = None
     location: Optional[str] = None  # file below the versions directory; None: read from the blob
     encrypted: bool = False
+    object_key: Optional[str] = None  # S3 backend: the version's object (kept as it was, no copy)
 
 
 @dataclass(frozen=True)

@@ -28,11 +28,12 @@ SQLITE_FULL = 13
 MIN_SQLITE = (3, 24, 0)  # upserts (Debian 10 and later); no RETURNING, so Debian 11 (3.34) works
 MAX_DB_PATH_BYTES = 504  # SQLite's unix VFS caps path names at 512 bytes, "-journal" included
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 TOTAL = "\x00total"  # the usage row that counts every file (no uploader can be named so)
 FILE_COLUMNS = ("path, size, content_type, sha256, created, mtime_ns, expires, uploader, version, blob, ref, "
-                "encrypted, image, image_offset")
-VERSION_COLUMNS = "path, version, size, content_type, sha256, created, uploader, blob, location, encrypted"
+                "encrypted, image, image_offset, object_key")
+VERSION_COLUMNS = ("path, version, size, content_type, sha256, created, uploader, blob, location, encrypted, "
+                   "object_key")
 PARTIAL_COLUMNS = ("id, path, length, content_type, protocol, created, expires, file_expires, uploader, metadata, "
                    "grant_protocol, completed")
 
@@ -119,6 +120,12 @@ ALTER TABLE files ADD COLUMN image_offset INTEGER NOT NULL DEFAULT 0;
 CREATE INDEX IF NOT EXISTS files_image ON files (image) WHERE image IS NOT NULL;
 """
 
+# Version 6: the S3 backend (storage/s3store.py) keeps each upload in an object of its own.
+V6 = """
+ALTER TABLE files ADD COLUMN object_key TEXT;
+ALTER TABLE versions ADD COLUMN object_key TEXT;
+"""
+
 # Usage rows follow every insert, update and delete of files and versions, in the same
 # transaction, whoever writes (the server or the `hmacfs files` tools).
 _USAGE_TRIGGERS = "".join(f"""
@@ -192,7 +199,8 @@ class SqliteMeta:
         steps = (TABLES + V2 + _USAGE_TRIGGERS if found < 2 else "") + VERSIONS_BY_LOCATION + ";"
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(files)")}
         v5 = "" if "image" in columns else V5  # ALTER TABLE ADD COLUMN has no IF NOT EXISTS: run it once
-        script = f"BEGIN IMMEDIATE;{steps}{V3}{V4}{v5}PRAGMA user_version = {SCHEMA_VERSION};COMMIT;"
+        v6 = "" if "object_key" in columns else V6
+        script = f"BEGIN IMMEDIATE;{steps}{V3}{V4}{v5}{v6}PRAGMA user_version = {SCHEMA_VERSION};COMMIT;"
         try:
             self._db.executescript(script)
         except BaseException:
@@ -283,18 +291,18 @@ class SqliteMeta:
     def put(self, record: FileRecord) -> None:
         """Insert or replace the row of `record.path`."""
         self._execute(
-            f"INSERT INTO files ({FILE_COLUMNS}) VALUES ({', '.join('?' * 14)}) "
+            f"INSERT INTO files ({FILE_COLUMNS}) VALUES ({', '.join('?' * 15)}) "
             "ON CONFLICT(path) DO UPDATE SET size = excluded.size, content_type = excluded.content_type, "
             "sha256 = excluded.sha256, created = excluded.created, mtime_ns = excluded.mtime_ns, "
             "expires = excluded.expires, uploader = excluded.uploader, version = excluded.version, "
             "blob = excluded.blob, ref = excluded.ref, encrypted = excluded.encrypted, image = excluded.image, "
-            "image_offset = excluded.image_offset", _file_row(record))
+            "image_offset = excluded.image_offset, object_key = excluded.object_key", _file_row(record))
         self._remember(record)
 
     def put_new(self, record: FileRecord) -> bool:
         """Insert the row unless the path has one; False when it has (a racing upload won)."""
         inserted = self._changes(
-            f"INSERT INTO files ({FILE_COLUMNS}) VALUES ({', '.join('?' * 14)}) "
+            f"INSERT INTO files ({FILE_COLUMNS}) VALUES ({', '.join('?' * 15)}) "
             "ON CONFLICT(path) DO NOTHING", _file_row(record))
         if inserted:
             self._remember(record)
@@ -409,9 +417,10 @@ class SqliteMeta:
         return bool(self._execute("SELECT 1 FROM versions WHERE location = ? LIMIT 1", (location,)))
 
     def add_version(self, version: VersionRecord) -> None:
-        self._execute(f"INSERT INTO versions ({VERSION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        self._execute(f"INSERT INTO versions ({VERSION_COLUMNS}) VALUES ({', '.join('?' * 11)})",
                       (version.path, version.version, version.size, version.content_type, version.sha256,
-                       version.created, version.uploader, version.blob, version.location, int(version.encrypted)))
+                       version.created, version.uploader, version.blob, version.location, int(version.encrypted),
+                       version.object_key))
 
     def drop_versions(self, path: str, keep: int) -> list[VersionRecord]:
         """Remove all but the newest `keep` versions of `path`; returns the removed ones."""
@@ -516,15 +525,16 @@ def _partial(row: tuple) -> PartialRecord:
 
 def _file_row(r: FileRecord) -> tuple:
     return (r.path, r.size, r.content_type, r.sha256, r.created, r.mtime_ns, r.expires, r.uploader, r.version,
-            r.blob, int(r.ref), int(r.encrypted), r.image, r.image_offset)
+            r.blob, int(r.ref), int(r.encrypted), r.image, r.image_offset, r.object_key)
 
 
 def _file(row: tuple) -> FileRecord:
-    return FileRecord(*row[:10], ref=bool(row[10]), encrypted=bool(row[11]), image=row[12], image_offset=row[13])
+    return FileRecord(*row[:10], ref=bool(row[10]), encrypted=bool(row[11]), image=row[12], image_offset=row[13],
+                      object_key=row[14])
 
 
 def _version(row: tuple) -> VersionRecord:
-    return VersionRecord(*row[:9], encrypted=bool(row[9]))
+    return VersionRecord(*row[:9], encrypted=bool(row[9]), object_key=row[10])
 
 
 def _is_full(error: sqlite3.OperationalError) -> bool:

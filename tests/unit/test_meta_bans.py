@@ -33,7 +33,7 @@ def test_a_schema_3_database_gains_the_bans_table_and_keeps_its_rows(tmp_path) -
     db.executescript("DROP TABLE bans; PRAGMA user_version = 3;")
     db.close()
     m = meta_sqlite.SqliteMeta(str(path))
-    assert m._db.execute("PRAGMA user_version").fetchone()[0] == meta_sqlite.SCHEMA_VERSION == 5
+    assert m._db.execute("PRAGMA user_version").fetchone()[0] == meta_sqlite.SCHEMA_VERSION == 6
     assert m.get("a/x") is not None and m.usage("alice").bytes == 3
     m.ban_put(BanRecord("198.51.100.1", 200.0, 100.0, 10))
     assert m.bans_active(0.0)[0].address == "198.51.100.1"

@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 
 from hmacfs.meta import sqlite as meta_sqlite
-from hmacfs.meta.record import FileRecord
+from hmacfs.meta.record import FileRecord, VersionRecord
 
 
 def test_packed_rows_are_stored_listed_and_never_cached(tmp_path) -> None:
@@ -43,10 +43,32 @@ def test_a_schema_4_database_gains_the_image_columns_and_keeps_its_rows(tmp_path
                      "ALTER TABLE files DROP COLUMN image; PRAGMA user_version = 4;")
     db.close()
     m = meta_sqlite.SqliteMeta(str(path))
-    assert m._db.execute("PRAGMA user_version").fetchone()[0] == 5
+    assert m._db.execute("PRAGMA user_version").fetchone()[0] == meta_sqlite.SCHEMA_VERSION
     assert m.get("a/x") == FileRecord("a/x", 3, "text/plain", "s", 1.0, uploader="alice")
     m.put(replace(m.get("a/x"), image="/i.iso", image_offset=4096))  # type: ignore[arg-type]
     m.close()
     m = meta_sqlite.SqliteMeta(str(path))  # and opening it again changes nothing
     assert m.get("a/x").image == "/i.iso" and m.usage("alice").bytes == 3  # type: ignore[union-attr]
     m.close()
+
+
+def test_a_schema_5_database_gains_the_object_key_columns_and_keeps_its_rows(tmp_path) -> None:
+    path = tmp_path / "m.sqlite3"
+    m = meta_sqlite.SqliteMeta(str(path))
+    m.put(FileRecord("a/x", 3, "text/plain", "s", 1.0, uploader="alice"))
+    m.add_version(VersionRecord("a/x", 1, 2, "text/plain", "t", 0.5, location="v/1"))
+    m.close()
+    db = sqlite3.connect(path)  # back to what hmacfs with schema 5 left
+    db.executescript("ALTER TABLE files DROP COLUMN object_key; ALTER TABLE versions DROP COLUMN object_key; "
+                     "PRAGMA user_version = 5;")
+    db.close()
+    m = meta_sqlite.SqliteMeta(str(path))
+    assert m._db.execute("PRAGMA user_version").fetchone()[0] == 6
+    assert m.get("a/x") == FileRecord("a/x", 3, "text/plain", "s", 1.0, uploader="alice")
+    assert m.versions("a/x") == [VersionRecord("a/x", 1, 2, "text/plain", "t", 0.5, location="v/1")]
+    m.put(replace(m.get("a/x"), object_key="objects/ab"))  # type: ignore[arg-type]
+    m.add_version(VersionRecord("a/x", 2, 2, "text/plain", "u", 0.7, object_key="objects/cd"))
+    m.close()
+    m = meta_sqlite.SqliteMeta(str(path))
+    assert m.get("a/x").object_key == "objects/ab"  # type: ignore[union-attr]
+    assert m.versions("a/x")[1].object_key == "objects/cd"
