@@ -9,7 +9,7 @@ import logging
 import os
 import threading
 import time
-from typing import Optional
+from typing import Optional, Union
 
 from .catalog import Catalog
 from .config import Config
@@ -22,6 +22,7 @@ from .handlers.service import handle_health, handle_metrics, handle_ready
 from .http.exchange import CorsPolicy
 from .http.router import Router
 from .meta import SqliteMeta
+from .objectpipeline import ObjectPipeline
 from .pipeline import PathLocks, UploadPipeline
 from .policy.guard import Guard, GuardSettings
 from .policy.paths import MAX_PATH_BYTES
@@ -54,8 +55,17 @@ class App:
         swept = self.store.sweep_temp()
         if swept:
             log.info("removed %d incomplete upload(s) left by a previous run", swept)
-        self.meta = SqliteMeta(os.path.join(self.store.internal, "meta.sqlite3"))
+        # Cluster mode: shared state in Redis (metadata, bans, limits, the janitor's lease).
+        self.redis = connect_redis(config) if config.redis.redisenabled else None
+        if self.redis is not None:
+            from .meta.redis import RedisMeta
+
+            self.meta = RedisMeta(self.redis, config.redis.rediskeyprefix)
+        else:
+            self.meta = SqliteMeta(os.path.join(self.store.internal, "meta.sqlite3"))
         self.keyring = load_keyring(config) if config.encryption.enabled else None
+        # The S3 backend: files are objects the rows name; the local store keeps the working state.
+        self.objects = build_object_store(config) if config.storage.backend == "s3" else None
         dedup = config.deduplication
         self.blobs = (BlobStore(dedup.directory or os.path.join(self.store.internal, "blobs"), self.meta,
                                 self.store.root) if dedup.enabled else None)
@@ -64,11 +74,15 @@ class App:
                         "recorded as references to their blob (no hard links)", self.blobs.directory)
         self.hot = HotFiles()
         locks = PathLocks()  # commits and removals of one path take turns
-        self.catalog = Catalog(self.store, self.meta, self.blobs, on_remove=self.hot.discard, locks=locks)
+        self.catalog = Catalog(self.store, self.meta, self.blobs, on_remove=self.hot.discard, locks=locks,
+                               objects=self.objects)
         versioning = config.versioning
-        self.pipeline = UploadPipeline(self.store, self.meta, self.blobs,
-                                       versioning.maxversions if versioning.enableversioning else None,
-                                       self.keyring, locks=locks)
+        keep_versions = versioning.maxversions if versioning.enableversioning else None
+        self.pipeline: Union[UploadPipeline, ObjectPipeline]
+        if self.objects is not None:
+            self.pipeline = ObjectPipeline(self.objects, self.meta, keep_versions, self.keyring, locks=locks)
+        else:
+            self.pipeline = UploadPipeline(self.store, self.meta, self.blobs, keep_versions, self.keyring, locks=locks)
         q = config.quotas
         self.quotas = QuotaLimits(q.peruser, q.perday, q.total, q.identity) if q.enabled else None
         self.file_ttl = config.server.filettl if config.server.filettlenabled else None
@@ -85,6 +99,11 @@ class App:
                         if clamav.clamavenabled else None)
         self.janitor = Janitor(self.store, self.meta, self.catalog, self.blobs, config.server.cleanupinterval,
                                max(config.timeouts.readtimeout, 60.0) + 60.0, self.metrics, self.resumable)
+        if self.redis is not None:
+            from .services.redisconn import Lease
+
+            self.janitor.lease = Lease(self.redis, config.redis.rediskeyprefix + "lease:janitor",
+                                       config.server.cleanupinterval * 3)
         self.thumbnails = build_thumbnailer(self) if config.thumbnails.enabled else None
         if self.thumbnails is not None:  # made after each commit, removed with the file
             self.pipeline.on_commit.append(self.thumbnails.submit)
@@ -99,13 +118,22 @@ class App:
         # Encrypted downloads hold two segment buffers (2 MiB) each: bounded like uploads.
         self.decrypt_slots = threading.BoundedSemaphore(max(8, 2 * self.workers))
         self.cors = CorsPolicy(config.cors.allowedorigins)
-        self.guard = Guard(GuardSettings.from_config(config), self.meta, self.metrics)  # lists, bans, limits
+        shared = (self.redis, config.redis.rediskeyprefix) if self.redis is not None else None
+        self.guard = Guard(GuardSettings.from_config(config), self.meta, self.metrics, shared)  # lists, bans, limits
+        self.redis_health = None
+        if self.redis is not None:
+            from .services.redisconn import RedisHealth
+
+            self.redis_health = RedisHealth(self.redis, config.redis.redishealthcheckinterval)
+            self.metrics.watch_redis(self.redis_health)
         self.draining = False
         self.readiness = Readiness(self)  # /ready and hmacfs_ready
         self.router = self._routes()
 
     def start_background(self) -> None:
         """The janitor, and the precache warm-up (listening does not wait for it)."""
+        if self.redis_health is not None:
+            self.redis_health.start()
         self.janitor.start()
         self.tuner.start()
         if self.thumbnails is not None:
@@ -118,6 +146,8 @@ class App:
             self.warm.set()
 
     def stop_background(self) -> None:
+        if self.redis_health is not None:
+            self.redis_health.stop()
         self.janitor.stop()
         self.tuner.stop()
         if self.thumbnails is not None:
@@ -176,6 +206,44 @@ class App:
         if changed:
             log.warning("config reload: changes in %s take effect after a restart", ", ".join(sorted(changed)))
         log.info("config reloaded: %d secret(s) active", len(self.secrets))
+
+
+def connect_redis(config: Config):
+    """The Redis client of cluster mode (redis-py; a StartupError says how to get it)."""
+    from .services.redisconn import connect
+
+    r = config.redis
+    return connect(r.redisaddr, r.redisdbindex, r.redispassword)
+
+
+def build_object_store(config: Config):
+    """The bucket of `[storage] backend = "s3"`, checked at start: a wrong endpoint, bucket or
+    credential is a StartupError that names it (never the secret), not a 503 on every upload."""
+    from .storage.objects import ObjectStore
+    from .storage.s3client import S3Client, S3Error, S3Settings, resolve_credentials
+
+    st = config.storage
+    unsupported = [name for name, on in (("[deduplication]", config.deduplication.enabled),
+                                         ("[encryption]", config.encryption.enabled),
+                                         ("[thumbnails]", config.thumbnails.enabled)) if on]
+    if unsupported:
+        raise StartupError(f"backend = \"s3\" does not support {', '.join(unsupported)} in this version: "
+                           "turn them off or use backend = \"local\"")
+    try:
+        access, secret, token = resolve_credentials(st.s3accesskey, st.s3secretkey, os.environ,
+                                                    st.s3credentialsfile or None)
+        settings = S3Settings(endpoint=st.s3endpoint, bucket=st.s3bucket, region=st.s3region, access_key=access,
+                              secret_key=secret, session_token=token, addressing=st.s3addressing,
+                              ca_file=st.s3cafile or None)
+    except ValueError as e:
+        raise StartupError(f"[storage] S3: {e}") from None
+    client = S3Client(settings)
+    try:
+        client.check_bucket()
+    except (S3Error, OSError) as e:
+        raise StartupError(f"[storage] S3 bucket {st.s3bucket!r} at {st.s3endpoint}: {e}") from None
+    prefix = st.s3prefix.strip("/") + "/" if st.s3prefix.strip("/") else ""
+    return ObjectStore(client, prefix, config.uploads.chunksize, st.s3partconcurrency)
 
 
 def build_thumbnailer(app: App):

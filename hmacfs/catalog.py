@@ -13,13 +13,16 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from typing import Callable, NamedTuple, Optional
+from typing import TYPE_CHECKING, Callable, NamedTuple, Optional
 
 from .meta import FileRecord, MetaStore
 from .meta.record import VersionRecord
 from .pipeline import PathLocks, remove_version_bytes
 from .storage.blobs import BlobStore
 from .storage.local import LocalStore
+
+if TYPE_CHECKING:
+    from .storage.objects import ObjectStore
 
 log = logging.getLogger("hmacfs")
 
@@ -41,8 +44,10 @@ class Catalog:
     """Locating and removing stored files across the store, the blobs and the metadata."""
 
     def __init__(self, store: LocalStore, meta: MetaStore, blobs: Optional[BlobStore] = None,
-                 on_remove: Optional[Callable[[str], None]] = None, locks: Optional[PathLocks] = None) -> None:
+                 on_remove: Optional[Callable[[str], None]] = None, locks: Optional[PathLocks] = None,
+                 objects: Optional[ObjectStore] = None) -> None:
         self.locks = locks or PathLocks()
+        self.objects = objects  # the S3 backend: rows name objects (storage/objects.py)
         self.store = store
         self.meta = meta
         self.blobs = blobs
@@ -126,17 +131,21 @@ class Catalog:
                 if expired_at is not None and record is None:
                     return False
                 versions = self.meta.drop_versions(path, 0)
-                trash = self.store.detach(path)
+                trash = self.store.detach(path) if self.objects is None else None
                 if record is not None and record.blob is not None and self.blobs is not None:
                     self.blobs.release(record.blob)
                 for version in versions:
                     remove_version_bytes(self.store, self.blobs, version)
             if trash is not None:
                 self.store.discard_temp(trash)
+        if self.objects is not None:  # no row names them now: deleted after the transaction
+            for key in [record.object_key if record is not None else None, *(v.object_key for v in versions)]:
+                self.objects.delete(key)
         for hook in self.on_remove:
             try:
                 hook(path)
             except Exception:  # the file is gone already: a hook's failure must not say otherwise
                 log.exception("after-removal job failed for %r", path)
         # A packed file's bytes stay in its image (images are written once): the row was its only trace.
-        return trash is not None or (record is not None and (record.ref or bool(record.image))) or bool(versions)
+        rowed = record is not None and (record.ref or bool(record.image) or bool(record.object_key))
+        return trash is not None or rowed or bool(versions)

@@ -179,6 +179,7 @@ SCHEMA: tuple[Key, ...] = (
     _k("redis", "redispassword", "secret", "", secret=True),
     _k("redis", "redisdbindex", "int", 0),
     _k("redis", "redishealthcheckinterval", "duration", "30s"),
+    _k("redis", "rediskeyprefix", "str", "hmacfs:", help="every key under it: several deployments share one Redis"),
     # [storage]
     _k("storage", "backend", "str", "local"),
     _k("storage", "s3endpoint", "str", ""),
@@ -187,6 +188,12 @@ SCHEMA: tuple[Key, ...] = (
     _k("storage", "s3accesskey", "secret", "", secret=True),
     _k("storage", "s3secretkey", "secret", "", secret=True),
     _k("storage", "s3prefix", "str", ""),
+    _k("storage", "s3redirect", "bool", False, help="downloads answer 302 to a presigned S3 URL"),
+    _k("storage", "s3addressing", "str", "auto", help="path, virtual (bucket.host) or auto (path for IPs)"),
+    _k("storage", "s3credentialsfile", "str", "",
+       help="AWS shared credentials file (default $AWS_SHARED_CREDENTIALS_FILE or ~/.aws/credentials)"),
+    _k("storage", "s3cafile", "str", "", help="CA bundle for an https endpoint (default: the system's)"),
+    _k("storage", "s3partconcurrency", "int", 4, help="multipart parts uploaded at once per upload"),
     # [cors]
     _k("cors", "allowedorigins", "list", ["*"]),
     # [workers]
@@ -209,9 +216,7 @@ SECTIONS = tuple(dict.fromkeys(k.section for k in SCHEMA))
 # Capabilities whose keys load and validate today but whose feature arrives in a later
 # release. Turning one on must never look like it worked: each is reported as a warning
 # at start and by check-config.
-NOT_YET_IMPLEMENTED = {
-    ("redis", "redisenabled"): "Redis shared state",
-}
+NOT_YET_IMPLEMENTED: dict[tuple[str, str], str] = {}
 
 
 def norm(key: str) -> str:
@@ -486,8 +491,6 @@ def from_dict(raw: Mapping[str, Any], source: str = "<dict>",
 
     pending = [f"[{sec}] {name} = true: {what} is not implemented in this version"
                for (sec, name), what in NOT_YET_IMPLEMENTED.items() if getattr(sections[sec], name)]
-    if sections["storage"].backend == "s3":
-        pending.append("[storage] backend = \"s3\": the S3 backend is not implemented in this version")
     config = Config(sections=sections, source=source, warnings=tuple(warnings), notes=tuple(notes),
                     pending=tuple(pending))
     _validate(config)
@@ -566,8 +569,36 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"[thumbnails] size = {e}") from None
     if config.thumbnails.thumbnailintervalscan < 1:
         raise ConfigError("[thumbnails] thumbnailintervalscan: at least 1s (e.g. \"1h\")")
-    if config.storage.backend not in ("local", "s3"):
-        raise ConfigError(f"[storage] backend = {config.storage.backend!r}: expected local or s3")
+    _validate_cluster(config)
+
+
+def _validate_cluster(config: Config) -> None:
+    """[storage] backend and the S3 settings, and [redis]: checked when their feature is on."""
+    st = config.storage
+    if st.backend not in ("local", "s3"):
+        raise ConfigError(f"[storage] backend = {st.backend!r}: expected local or s3")
+    if st.s3addressing not in ("auto", "path", "virtual"):
+        raise ConfigError(f"[storage] s3addressing = {st.s3addressing!r}: expected auto, path or virtual")
+    if st.backend == "s3":
+        scheme = st.s3endpoint.split("://", 1)[0] if "://" in st.s3endpoint else ""
+        if scheme not in ("http", "https"):
+            raise ConfigError(f"[storage] s3endpoint = {st.s3endpoint!r}: a URL with http:// or https:// "
+                              "(e.g. \"https://s3.eu-west-1.amazonaws.com\" or \"http://127.0.0.1:9000\")")
+        if not st.s3bucket:
+            raise ConfigError("[storage] s3bucket: required with backend = \"s3\"")
+        if st.s3partconcurrency < 1:
+            raise ConfigError(f"[storage] s3partconcurrency = {st.s3partconcurrency}: at least 1")
+        if config.uploads.chunksize < 5 * 1024 * 1024:
+            raise ConfigError("[uploads] chunksize: the S3 backend's part size, at least 5MB (S3's smallest part)")
+    if config.redis.redisenabled:
+        from .services.redisconn import parse_redis_address
+
+        try:
+            parse_redis_address(config.redis.redisaddr, config.redis.redisdbindex)
+        except ValueError as e:
+            raise ConfigError(f"[redis] redisaddr = {config.redis.redisaddr!r}: {e}") from None
+        if config.redis.redishealthcheckinterval <= 0:
+            raise ConfigError("[redis] redishealthcheckinterval: more than 0 (e.g. \"30s\")")
 
 
 def _validate_guard(sec: Any) -> None:

@@ -53,12 +53,14 @@ class Scan(Protocol):
 
 @dataclass(frozen=True)
 class Received:
-    """A body safely on disk in a private temp file, not yet visible."""
+    """A body safely stored, not yet visible: in a private temp file, or (S3 backend,
+    objectpipeline.py) in an object no row names yet."""
 
     temp_path: str
     size: int          # plaintext bytes
     sha256: str        # of the plaintext
     encrypted: bool = False
+    object_key: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -140,6 +142,18 @@ class UploadPipeline:
         # After-commit jobs (thumbnails): called with each committed record, outside the path
         # lock, for PUT, tus and IETF uploads alike; they must be quick and must not raise.
         self.on_commit: list[Callable[[FileRecord], None]] = []
+
+    @property
+    def links_partials(self) -> bool:
+        """A finished plain resumable upload is committed by a hard link (no copy, no buffer)."""
+        return self.keyring is None
+
+    def path_taken(self, path: str) -> bool:
+        """Is there a file at `path`? (OutsideRoot, a 403, when its parent leads out of the root.)"""
+        return self.store.exists(path)
+
+    def free_bytes(self) -> Optional[int]:
+        return self.store.free_bytes()
 
     # -- receiving ------------------------------------------------------------------------------
 

@@ -297,12 +297,12 @@ class ResumableUploads:
             raise HTTPError(400, f"the upload has {size} of {record.length} bytes")
         if inspect is not None:
             inspect(size, self._plaintext(record.id, size))
-        if self.pipeline.keyring is None and not self.files.is_sealed(record.id):
+        if self.pipeline.links_partials and not self.files.is_sealed(record.id):
             sha256 = self._digest(record.id, attachment, size).hexdigest()
             temp = self.store.temp_name()
             os.link(self.files.path(record.id), temp)  # the commit consumes the link, never the partial
             received = Received(temp, size, sha256, False)
-        else:  # encrypted on the way into the store (and out of a sealed partial)
+        else:  # encrypted on the way into the store (and out of a sealed partial), or into an object
             received = self.pipeline.receive(_BlocksBody(self._plaintext(record.id, size)), buf, reserve, size)
         stored = self.pipeline.commit(received, upload)
         self.meta.partial_put(replace(record, completed=True, expires=now + self.expiry))

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("hmacfs")
 IMMUTABLE_MAX_AGE = 31536000
 DECRYPT_WAIT = 10.0  # seconds an encrypted download waits for a decryption slot before a 503
+REDIRECT_SECONDS = 300  # how long a presigned S3 URL given by `s3redirect` stays valid
 READ_BLOCK = 256 * 1024  # bytes per read of a plain file sent as several ranges (no sendfile between part heads)
 
 
@@ -93,6 +94,9 @@ def _serve_cached(app: App, ex: Exchange, signed_path: str, record: Optional[Fil
 
 
 def _serve_opened(app: App, ex: Exchange, signed_path: str, record: Optional[FileRecord]) -> None:
+    if record is not None and record.object_key:
+        _serve_object(app, ex, signed_path, record)
+        return
     if record is not None and record.image:
         _serve_packed(app, ex, signed_path, record)
         return
@@ -119,6 +123,28 @@ def _serve_opened(app: App, ex: Exchange, signed_path: str, record: Optional[Fil
         os.close(fd)
 
 
+def _serve_object(app: App, ex: Exchange, signed_path: str, record: FileRecord, cache: Optional[str] = None) -> None:
+    """A file in the bucket (S3 backend): ranged GETs streamed through this node, or, with
+    `s3redirect`, a 302 to a presigned URL that forces the type and disposition hmacfs would
+    send (so an uploaded HTML or SVG file is still an attachment, never a page)."""
+    assert record.object_key is not None and app.objects is not None
+    if app.config.storage.s3redirect and not record.encrypted:
+        content_type = served_type(record, signed_path)
+        disposition = content_disposition(signed_path.rsplit("/", 1)[-1], content_type)
+        url = app.objects.presign(record.object_key, REDIRECT_SECONDS, content_type, disposition)
+        ex.send(302, [("Location", url), ("Cache-Control", "no-store")])
+        return
+    _serve(app, ex, signed_path, record, object_stat(record), cache=cache,
+           read=partial(app.objects.read, record.object_key))
+
+
+def object_stat(record: FileRecord) -> os.stat_result:
+    """What `_serve` needs of a stat for a file with no local inode: its size and mtime (the upload time)."""
+    created = int(record.created)
+    return os.stat_result((0o100644, 0, 0, 1, 0, 0, record.size, created, created, created),
+                          {"st_mtime": record.created})
+
+
 def _serve_packed(app: App, ex: Exchange, signed_path: str, record: FileRecord) -> None:
     """A file packed into an ISO image: its slice of the image, read (or sent) at the offset."""
     packed = app.catalog.open_packed(record)
@@ -140,6 +166,9 @@ def _serve_version(app: App, ex: Exchange, signed_path: str, record: Optional[Fi
     version = next((v for v in app.meta.versions(signed_path) if v.version == number), None)
     if version is None:
         raise HTTPError(404, f"no version {number} of this file")
+    if version.object_key:
+        _serve_object(app, ex, signed_path, _as_record(version), cache="private, no-cache")
+        return
     opened = app.catalog.open_version(version)
     if opened is None:
         raise HTTPError(500, "the stored bytes of this version are missing")
@@ -182,7 +211,8 @@ def _serve_thumbnail(app: App, ex: Exchange, signed_path: str, record: Optional[
 
 def _as_record(v: VersionRecord) -> FileRecord:
     return FileRecord(path=v.path, size=v.size, content_type=v.content_type, sha256=v.sha256, created=v.created,
-                      uploader=v.uploader, version=v.version, blob=v.blob, encrypted=v.encrypted)
+                      uploader=v.uploader, version=v.version, blob=v.blob, encrypted=v.encrypted,
+                      object_key=v.object_key)
 
 
 def _list_versions(app: App, ex: Exchange, signed_path: str, record: Optional[FileRecord]) -> None:
@@ -209,10 +239,11 @@ def ranges_on(app: App) -> bool:
 
 def _serve(app: App, ex: Exchange, signed_path: str, record: FileRecord, st: os.stat_result,
            fd: Optional[int] = None, data: Optional[bytes] = None, cache: Optional[str] = None,
-           base: int = 0) -> None:
-    """Conditionals, Range and headers, then the body from `data` (small files), `fd`, or the
-    decrypted segments of `fd` (encrypted files). `base`: where the file starts in `fd` (a
-    file packed into an ISO image; never encrypted)."""
+           base: int = 0, read: Optional[Callable[[int, int], Generator[memoryview, None, None]]] = None) -> None:
+    """Conditionals, Range and headers, then the body from `data` (small files), `fd`, the
+    decrypted segments of `fd` (encrypted files), or `read(first, last)` (an object in the
+    bucket). `base`: where the file starts in `fd` (a file packed into an ISO image; never
+    encrypted)."""
     reader = _reader(app, signed_path, record, fd, st) if record.encrypted else None
     size = reader.plaintext_size if reader is not None else st.st_size
     headers = ex.req.headers
@@ -228,10 +259,7 @@ def _serve(app: App, ex: Exchange, signed_path: str, record: FileRecord, st: os.
     if not_modified(headers.get("if-none-match"), headers.get("if-modified-since"), etag, mtime):
         ex.send(304, common)
         return
-    # re-checked on the way out: a row written by an older version may hold anything
-    content_type = clean_content_type(record.content_type) or guess_type(signed_path)
-    if content_type.startswith("text/") and "charset" not in content_type:
-        content_type += "; charset=utf-8"
+    content_type = served_type(record, signed_path)
     spans = None
     if ranges_on(app) and range_applies(headers.get("if-range"), etag, mtime):
         spans = parse_ranges(headers.get("range"), size)  # If-Range gates single and multiple ranges alike
@@ -240,8 +268,9 @@ def _serve(app: App, ex: Exchange, signed_path: str, record: FileRecord, st: os.
     common += [*framing, ("Content-Disposition", content_disposition(filename, content_type))]
     if reader is not None:
         _send_decrypted(app, ex, signed_path, status, common, reader, body)
-    elif body.framed:
-        read = partial(_slices, memoryview(data)) if data is not None else partial(_pread_blocks, fd, base=base)
+    elif body.framed or read is not None:
+        if read is None:
+            read = partial(_slices, memoryview(data)) if data is not None else partial(_pread_blocks, fd, base=base)
         ex.send_stream(status, common, body.length, body.pieces(read))
     else:
         first, last = body.spans[0] if body.spans else (0, -1)
@@ -250,6 +279,15 @@ def _serve(app: App, ex: Exchange, signed_path: str, record: FileRecord, st: os.
         else:
             assert fd is not None
             ex.send_file(status, common, fd, base + first, last - first + 1)
+
+
+def served_type(record: FileRecord, signed_path: str) -> str:
+    """The Content-Type sent: the row's, re-checked on the way out (a row written by an older
+    version may hold anything), else by extension; text gets its charset."""
+    content_type = clean_content_type(record.content_type) or guess_type(signed_path)
+    if content_type.startswith("text/") and "charset" not in content_type:
+        content_type += "; charset=utf-8"
+    return content_type
 
 
 class Body(NamedTuple):

@@ -98,7 +98,7 @@ def finish_upload(app: App, record: PartialRecord, attachment: Attachment, start
             raise
 
     try:
-        if app.pipeline.keyring is None:  # committed by a hard link: no buffer needed
+        if app.pipeline.links_partials:  # committed by a hard link: no buffer needed
             stored = app.resumable.finish(record, attachment, upload, memoryview(bytearray(0)), now, inspect=scan)
         else:
             with app.gate.slot(record.length) as buf:

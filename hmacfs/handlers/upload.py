@@ -96,9 +96,10 @@ def admit_upload(app: App, ex: Exchange, signed_path: str, length: Optional[int]
     if not extension_allowed(signed_path, cfg.uploads.allowedextensions, cfg.uploads.blockedextensions):
         raise HTTPError(415, "file extension not allowed")
     # OutsideRoot (403) when the parent leads out of the root; with versioning a file there is kept
-    if app.store.exists(signed_path) and app.pipeline.keep_versions is None:
+    if app.pipeline.path_taken(signed_path) and app.pipeline.keep_versions is None:
         raise PathConflict(signed_path)
-    if app.store.free_bytes() - (declared or 0) < cfg.server.minfreebytes:
+    free = app.pipeline.free_bytes()  # None: a bucket, which has no such figure
+    if free is not None and free - (declared or 0) < cfg.server.minfreebytes:
         raise storage_full()
     uploader = uploader_of(cfg.quotas.identity, grant.uploader, signed_path)
     check_quotas(app, uploader, declared or 0, now)

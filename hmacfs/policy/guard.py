@@ -42,6 +42,7 @@ from ..meta.record import BanStore
 from ..services.logs import auth_log, log_auth_failure
 from .bans import Bans, IPAddress, address_key, client_ip
 from .ratelimit import TokenBuckets
+from .shared import SharedBans, SharedTokenBuckets
 
 log = logging.getLogger("hmacfs")
 
@@ -95,8 +96,10 @@ def too_many(wait: float, whose: str) -> HTTPError:
 class Guard:
     """IP lists, bans and rate limits over `req.client`; `metrics` is the ServerMetrics."""
 
-    def __init__(self, settings: GuardSettings, store: BanStore, metrics: Any) -> None:
+    def __init__(self, settings: GuardSettings, store: BanStore, metrics: Any,
+                 shared: Optional[tuple[Any, str]] = None) -> None:
         self.store = store
+        self.shared = shared  # cluster mode: (Redis client, key prefix) for buckets and failure counts
         self.metrics = metrics
         self.settings = GuardSettings()
         self.by_address: Optional[TokenBuckets] = None
@@ -112,18 +115,25 @@ class Guard:
         if not s.per_minute:
             self.by_address = self.by_uploader = None
         elif self.by_address is None or s.per_minute != old.per_minute:
-            self.by_address, self.by_uploader = TokenBuckets(s.per_minute), TokenBuckets(s.per_minute)
+            self.by_address, self.by_uploader = self._buckets("ip:", s.per_minute), self._buckets("sub:", s.per_minute)
         ban_rules = (s.ban_threshold, s.ban_window, s.ban_duration)
         if not s.ban_threshold:
             self.bans = None
         elif self.bans is None or ban_rules != (old.ban_threshold, old.ban_window, old.ban_duration):
-            bans = Bans(self.store, *ban_rules)
+            bans = (Bans(self.store, *ban_rules) if self.shared is None else
+                    SharedBans(self.store, *ban_rules, self.shared[0], self.shared[1]))
             held = bans.load(time.time())
             if held:
                 log.info("bans: %d address(es) banned (hmacfs bans list)", held)
             self.bans = bans
         self.settings = s
         self.active = bool(s.allow or s.deny or self.bans is not None or self.by_address is not None)
+
+    def _buckets(self, kind: str, per_minute: int) -> TokenBuckets:
+        if self.shared is None:
+            return TokenBuckets(per_minute)
+        client, prefix = self.shared
+        return SharedTokenBuckets(client, f"{prefix}rate:{kind}", per_minute)
 
     def admit(self, client: str, service: bool = False) -> None:
         """Refuse `client` (HTTPError 403 or 429) or let it through; `service`: a service endpoint

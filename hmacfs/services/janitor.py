@@ -70,6 +70,10 @@ class Janitor:
         self.stale_temp_after = stale_temp_after
         self.metrics = metrics
         self.resumable = resumable
+        # Cluster mode: a Redis lease (services/redisconn.Lease). Only its holder does the shared
+        # work (expiry, the upload log, resumable records, blob counts), so it runs once in the
+        # cluster; every node still sweeps its own temp files.
+        self.lease = None
         self.last_run: Optional[JanitorRun] = None
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -95,21 +99,24 @@ class Janitor:
             if self._stop.is_set():
                 return
             try:
-                self.run_once()
+                self.run_once(shared=self.lease is None or self.lease.acquire())
             except Exception:
                 log.exception("janitor run failed; trying again in %.0fs", self.interval)
 
-    def run_once(self, now: Optional[float] = None) -> JanitorRun:
+    def run_once(self, now: Optional[float] = None, shared: bool = True) -> JanitorRun:
+        """One pass; `shared`: also the work on shared state (this node holds the cluster's lease)."""
         now = time.time() if now is None else now
         run = JanitorRun()
-        self._expire(now, run)
+        if shared:
+            self._expire(now, run)
         self._sweep_temp(now, run)
         self._sweep_orphans(now, run)
-        self.meta.prune_upload_log(now - DAY)
-        if self.resumable is not None:
-            run.partials = self.resumable.sweep(now)
-        if self.blobs is not None:
-            self._reconcile_blobs(run)
+        if shared:
+            self.meta.prune_upload_log(now - DAY)
+            if self.resumable is not None:
+                run.partials = self.resumable.sweep(now)
+            if self.blobs is not None:
+                self._reconcile_blobs(run)
         self.last_run = run
         if self.metrics is not None:
             self.metrics.janitor_runs.inc()

@@ -291,6 +291,11 @@ class ServerMetrics:
         self.address_changes = r.add(Counter("hmacfs_network_address_changes_total",
                                              "Host addresses added or removed (networkevents).", ("kind",)))
 
+    def watch_redis(self, health) -> None:
+        """`hmacfs_redis_up`: what the last health-check ping said (services/redisconn.py)."""
+        self.registry.add(Gauge("hmacfs_redis_up", "1 when the last Redis ping was answered (cluster mode).",
+                                fn=lambda: 1.0 if health.up else 0.0))
+
     def watch_storage(self, app) -> None:
         """Gauges of the store and the metadata (no uploader in any label), read at most every
         few seconds however often /metrics is scraped: the sums are queries over whole tables,

@@ -67,6 +67,9 @@ class Readiness:
         out = [Check("storage_writable", *self._writable.get()), self._free_space()]
         if app.scanner is not None:
             out.append(Check("clamd", *self._clamd.get()))
+        health = getattr(app, "redis_health", None)
+        if health is not None:  # pinged by its own thread every redishealthcheckinterval
+            out.append(Check("redis", health.up, "answering" if health.up else "not answering (shared state)"))
         warm = app.warm.is_set()
         out.append(Check("warmup", warm, "done" if warm else "precaching in progress"))
         out.append(Check("not_draining", not app.draining, "shutting down" if app.draining else "serving"))

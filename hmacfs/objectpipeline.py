@@ -1,0 +1,170 @@
+"""One upload's journey on the S3 backend: stream -> hash (+ encrypt) -> object -> checks -> row.
+
+Strategy: the same seam as `pipeline.UploadPipeline` (receive, then commit; handlers and
+the resumable engine cannot tell them apart), for a store where a file is an object the
+metadata row names (storage/objects.py). `receive` streams the body into a new object of
+its own while hashing it and feeding the virus scan, so nothing waits for the last byte
+but the final part. `commit` is then metadata only, in one metadata transaction (with
+Redis: one lock across every node): the signed size and scan checks, 409 when the path
+is taken and versioning is off, the kept version (its object stays as it is), the quotas'
+last check and the row. The object of an upload that does not become a file is deleted,
+so a failed or losing upload leaves nothing behind.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from typing import TYPE_CHECKING, Callable, Optional
+
+from .meta import FileRecord, MetaStore
+from .meta.record import VersionRecord
+from .pipeline import BodySource, PathLocks, Received, Scan, Upload, _Sink
+from .storage.local import PathConflict
+from .storage.objects import ObjectStore, unavailable
+from .storage.s3client import S3Error
+
+if TYPE_CHECKING:
+    from .storage.encrypted import Keyring
+
+log = logging.getLogger("hmacfs")
+
+
+class _WriterFile:
+    """The object writer as the binary file the segment encrypter writes to."""
+
+    def __init__(self, writer) -> None:
+        self.writer = writer
+
+    def write(self, data) -> int:
+        self.writer.write(memoryview(data))
+        return len(data)
+
+
+class ObjectPipeline:
+    """Receives upload bodies into objects and commits them as metadata rows."""
+
+    links_partials = False  # a finished resumable upload is streamed into an object, never linked
+
+    def __init__(self, objects: ObjectStore, meta: MetaStore, keep_versions: Optional[int] = None,
+                 keyring: Optional[Keyring] = None, segment_size: int = 1024 * 1024,
+                 locks: Optional[PathLocks] = None) -> None:
+        self.objects = objects
+        self.meta = meta
+        self.keep_versions = keep_versions
+        self.keyring = keyring
+        self.segment_size = segment_size
+        self.locks = locks or PathLocks()
+        self.on_commit: list[Callable[[FileRecord], None]] = []
+
+    def path_taken(self, path: str) -> bool:
+        """Is there a file at `path` (by its row: on this backend the row is the file)?"""
+        return self.meta.get(path) is not None
+
+    def free_bytes(self) -> Optional[int]:
+        """A bucket has no free-space figure: None (the minfreebytes check does not apply)."""
+        return None
+
+    def receive(self, body: BodySource, buf: memoryview, reserve: int = 0,
+                expected: Optional[int] = None, scan: Optional[Scan] = None) -> Received:
+        """Stream `body` into a new object through `buf`, hashing it (and handing each chunk to
+        the virus scan). On any failure the object (or its multipart upload) is removed."""
+        key = self.objects.new_key()
+        digest = hashlib.sha256()
+        size = 0
+        try:
+            writer = self.objects.writer(key)
+        except (S3Error, OSError) as e:
+            raise unavailable(e) from None
+        sink = _Sink(_WriterFile(writer), self.keyring, self.segment_size)
+        try:
+            while True:
+                n = body.readinto(buf)  # the client's failures propagate as they are
+                if not n:
+                    break
+                chunk = buf[:n]
+                digest.update(chunk)
+                if scan is not None:
+                    scan.feed(chunk)
+                size += n
+                _to_store(sink.write, chunk)
+            _to_store(sink.finish)
+            _to_store(writer.finish)
+        except BaseException:
+            sink.abort()
+            _abort_quietly(writer, key)
+            raise
+        return Received("", size, digest.hexdigest(), self.keyring is not None, object_key=key)
+
+    def commit(self, received: Received, upload: Upload,
+               before_commit: Optional[Callable[[Received], None]] = None) -> FileRecord:
+        """Make the received object the file at its path, or delete it (409 when the path is
+        taken and versioning is off; whatever `before_commit` or the quotas raise)."""
+        path = upload.signed_path
+        gone: list[str] = []  # objects no row names any more: deleted after the transaction
+        record = None
+        try:
+            if before_commit is not None:
+                before_commit(received)
+            with self.locks.hold(path):  # this node's uploads queue here, not on the shared lock
+                record = self._commit(received, upload, gone)
+        finally:
+            if record is None:
+                gone.append(received.object_key or "")
+            for key in gone:
+                self.objects.delete(key)
+        for hook in self.on_commit:
+            try:
+                hook(record)
+            except Exception:
+                log.exception("after-commit job failed for %r", path)
+        return record
+
+    def _commit(self, received: Received, upload: Upload, gone: list[str]) -> FileRecord:
+        path = upload.signed_path
+        with self.meta.transaction():
+            current = self.meta.get(path)
+            if current is not None and self.keep_versions is None:
+                raise PathConflict(path)
+            kept = _as_version(current, self._next_number(current)) if current is not None else None
+            record = FileRecord(path=path, size=received.size, content_type=upload.content_type,
+                                sha256=received.sha256, created=time.time(), expires=upload.expires,
+                                uploader=upload.uploader, version=kept.version + 1 if kept is not None else 1,
+                                encrypted=received.encrypted, object_key=received.object_key)
+            if upload.admit is not None:
+                upload.admit(record)
+            if kept is not None:
+                self.meta.add_version(kept)
+                self.meta.put(record)
+                for old in self.meta.drop_versions(path, self.keep_versions or 0):
+                    gone.append(old.object_key or "")
+            elif not self.meta.put_new(record):
+                raise PathConflict(path)
+        return record
+
+    def _next_number(self, current: FileRecord) -> int:
+        kept = [v.version for v in self.meta.versions(current.path)]
+        return max(current.version, max(kept) + 1) if kept else current.version
+
+
+def _as_version(current: FileRecord, number: int) -> VersionRecord:
+    """The current file kept as a version: the same object, now named by a version row."""
+    return VersionRecord(path=current.path, version=number, size=current.size, content_type=current.content_type,
+                         sha256=current.sha256, created=current.created, uploader=current.uploader,
+                         encrypted=current.encrypted, object_key=current.object_key)
+
+
+def _to_store(step: Callable, *args) -> None:
+    """A step that talks to the bucket: its failure is the store's (503), not the client's."""
+    try:
+        step(*args)
+    except (S3Error, OSError) as e:
+        raise unavailable(e) from None
+
+
+def _abort_quietly(writer, key: str) -> None:
+    try:
+        writer.abort()
+    except Exception as e:  # the sweep aborts what is left
+        log.warning("object storage: could not abort the upload of %s (%s)", key, e)
+
