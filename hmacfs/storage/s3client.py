@@ -251,7 +251,7 @@ class S3Client:
 
     def _path(self, key: Optional[str]) -> str:
         if key is None:
-            return self._prefix + "/"
+            return self._prefix or "/"
         return f"{self._prefix}/{sigv4.uri_encode(key, keep_slash=True)}"
 
     def _error(self, status: int, code: str, message: str, operation: str, key: Optional[str]) -> S3Error:
@@ -288,14 +288,13 @@ class S3Client:
         headers = dict(headers or {})
         streamed = body is not None and not isinstance(body, (bytes, bytearray, memoryview))
         if streamed:
-            payload_hash = sigv4.UNSIGNED_PAYLOAD
-            headers["Content-Length"] = str(length)
+            payload_hash, size = sigv4.UNSIGNED_PAYLOAD, length
         else:
             data = bytes(body) if isinstance(body, memoryview) else body
-            payload_hash = hashlib.sha256(data or b"").hexdigest()
-            if body is not None or method in ("PUT", "POST"):
-                headers["Content-Length"] = str(len(data or b""))
+            payload_hash, size = hashlib.sha256(data or b"").hexdigest(), len(data or b"")
         target, all_headers = self.prepare(method, key, query, headers, payload_hash)
+        if body is not None or method in ("PUT", "POST"):  # not signed, as botocore does not
+            all_headers["Content-Length"] = str(size)
         retryable = not streamed and method in ("GET", "HEAD", "PUT", "DELETE")
         for attempt in (0, 1):
             # A request that must not be sent twice starts on a fresh connection, so a pooled one
@@ -381,8 +380,7 @@ class S3Client:
 
     def complete_multipart(self, key: str, upload_id: str, parts: list[tuple[int, str]]) -> str:
         body = s3xml.complete_body(parts)
-        _, _, raw = self._request("POST", key, "CompleteMultipartUpload", query=[("uploadId", upload_id)],
-                                  headers={"Content-Type": "application/xml"}, body=body)
+        _, _, raw = self._request("POST", key, "CompleteMultipartUpload", query=[("uploadId", upload_id)], body=body)
         self._check_body_error(raw, "CompleteMultipartUpload", key)
         return s3xml.parse_etag_result(raw)
 
@@ -435,7 +433,7 @@ class S3Client:
     def copy_object(self, src_key: str, dst_key: str, *, max_single: int = MAX_COPY, part_size: int = COPY_PART) -> str:
         """Server-side copy; returns the new ETag. Up to `max_single` bytes (5 GiB, S3's limit)
         one CopyObject; above, a multipart upload of UploadPartCopy ranges of `part_size`."""
-        source = f"/{sigv4.uri_encode(self.settings.bucket)}/{sigv4.uri_encode(src_key, keep_slash=True)}"
+        source = f"{sigv4.uri_encode(self.settings.bucket)}/{sigv4.uri_encode(src_key, keep_slash=True)}"
         info = self.head_object(src_key)
         if info is None:
             raise self._error(404, "NoSuchKey", "the copy source does not exist", "CopyObject", src_key)
@@ -463,7 +461,7 @@ class S3Client:
         """Every object under `prefix` (after `start_after`), key order, ListObjectsV2 pages."""
         token: Optional[str] = None
         while True:
-            query = [("list-type", "2"), ("prefix", prefix), ("max-keys", str(page_size))]
+            query = [("list-type", "2"), ("prefix", prefix), ("max-keys", str(page_size)), ("encoding-type", "url")]
             if token:
                 query.append(("continuation-token", token))
             elif start_after:

@@ -15,6 +15,7 @@ import email.utils
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from typing import Iterable, Optional
+from urllib.parse import unquote_plus
 from xml.sax.saxutils import escape
 
 NAMESPACE = "http://s3.amazonaws.com/doc/2006-03-01/"
@@ -98,11 +99,14 @@ def parse_etag_result(body: bytes) -> str:
 
 
 def parse_list_objects(body: bytes) -> tuple[list[ObjectInfo], Optional[str]]:
-    """A `ListBucketResult` page of ListObjectsV2 -> (objects, NextContinuationToken or None)."""
+    """A `ListBucketResult` page of ListObjectsV2 -> (objects, NextContinuationToken or None).
+    Keys are decoded when the page says `EncodingType` url (asked for so that keys with
+    characters XML 1.0 cannot carry still list)."""
     root = _root(body)
+    decode = unquote_plus if _text(root, "EncodingType").strip().lower() == "url" else str
     objects = [
         ObjectInfo(
-            key=_text(item, "Key"),
+            key=decode(_text(item, "Key")),
             size=int(_text(item, "Size", "0") or 0),
             etag=_text(item, "ETag"),
             last_modified=iso_time(_text(item, "LastModified")) if _child(item, "LastModified") is not None else 0.0,

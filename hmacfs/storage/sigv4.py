@@ -35,6 +35,11 @@ def amz_date(when: datetime.datetime) -> str:
     return when.strftime("%Y%m%dT%H%M%SZ")
 
 
+def _utcnow() -> datetime.datetime:
+    """The signing clock (one place, so tests can fix it)."""
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
 def uri_encode(text: str, keep_slash: bool = False) -> str:
     """RFC 3986 percent-encoding of UTF-8 with upper-case hex: only `A-Za-z0-9-_.~` stay (and `/`
     when asked, for paths). `urllib.parse.quote` keeps exactly that unreserved set (Python 3.7+)."""
@@ -148,7 +153,7 @@ def sign_headers(
     but left to the caller to send): `X-Amz-Date`, `X-Amz-Content-SHA256` (S3 requires it),
     `X-Amz-Security-Token` when there is a session token, and `Authorization`.
     `payload_hash` is the body's hex SHA-256 or `UNSIGNED-PAYLOAD`."""
-    stamp = amz_date(now or datetime.datetime.now(datetime.timezone.utc))
+    stamp = amz_date(now or _utcnow())
     added = {"X-Amz-Date": stamp}
     if content_sha256_header:
         added["X-Amz-Content-SHA256"] = payload_hash
@@ -185,7 +190,7 @@ def presign_query(
     signature comes last. `expires_in` is 1 s .. 7 days, as S3 allows."""
     if not 1 <= expires_in <= 604800:
         raise ValueError("expires_in must be between 1 second and 7 days")
-    stamp = amz_date(now or datetime.datetime.now(datetime.timezone.utc))
+    stamp = amz_date(now or _utcnow())
     scope = credential_scope(stamp, region, service)
     lines, signed = canonical_headers([("host", host), *signed_headers])
     params = [
