@@ -9,7 +9,7 @@ import logging
 import os
 import threading
 import time
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 from .catalog import Catalog
 from .config import Config
@@ -89,10 +89,7 @@ class App:
         self.metrics = metrics or ServerMetrics()
         self.metrics.watch_storage(self)
         uploads = config.uploads
-        partials = PartialFiles(os.path.join(self.store.internal, "partials"), self.keyring)
-        self.resumable = (ResumableUploads(partials, self.meta, self.pipeline, self.store, uploads.resumableexpiry,
-                                           Writers(on_takeover=self.metrics.resumable_takeovers.inc))
-                          if uploads.resumableuploadsenabled else None)
+        self.resumable = build_resumable(self) if uploads.resumableuploadsenabled else None
         clamav = config.clamav
         self.scanner = (Scanner(parse_address(clamav.clamavsocket), clamav.numscanworkers, clamav.scanfileextensions,
                                 clamav.maxscansize, clamav.failopen, clamav.largefiles, self.metrics)
@@ -206,6 +203,28 @@ class App:
         if changed:
             log.warning("config reload: changes in %s take effect after a restart", ", ".join(sorted(changed)))
         log.info("config reloaded: %d secret(s) active", len(self.secrets))
+
+
+def build_resumable(app: App) -> ResumableUploads:
+    """The resumable-upload engine: partial bytes on local disk, or (S3 backend) as chunk
+    objects any node can resume; one writer per upload in this process, or (Redis) in the
+    whole cluster."""
+    partials: Any
+    if app.objects is not None:
+        from .storage.objectpartials import ObjectPartials
+
+        partials = ObjectPartials(app.objects)
+    else:
+        partials = PartialFiles(os.path.join(app.store.internal, "partials"), app.keyring)
+    on_takeover = app.metrics.resumable_takeovers.inc
+    writers: Writers
+    if app.redis is not None:
+        from .clusterwriters import ClusterWriters
+
+        writers = ClusterWriters(app.redis, app.config.redis.rediskeyprefix, on_takeover=on_takeover)
+    else:
+        writers = Writers(on_takeover=on_takeover)
+    return ResumableUploads(partials, app.meta, app.pipeline, app.store, app.config.uploads.resumableexpiry, writers)
 
 
 def connect_redis(config: Config):

@@ -69,6 +69,7 @@ class Attachment:
     progress: float = 0.0  # when the holder last received body bytes (time.monotonic)
     digest: Any = None  # hashlib sha256 over bytes [0, digest_at)
     digest_at: int = -1
+    lost: bool = False  # cluster mode: the shared lock lapsed, another node may write now (fencing)
 
 
 class Writers:
@@ -238,7 +239,9 @@ class ResumableUploads:
             writer = self.files.open_at(record.id, start)
         except PartialCorrupt as e:
             raise self._damaged(record.id, e) from None
+        writer.allowed = lambda: not attachment.lost  # an object chunk is not completed once the hold lapsed
         attachment.reading, attachment.progress = True, time.monotonic()
+        fed = start  # the digest covers [0, fed)
         try:
             try:
                 next_check = start + SPACE_CHECK_BYTES
@@ -252,11 +255,13 @@ class ResumableUploads:
                     chunk = buf[:n]
                     writer.write(chunk)
                     digest.update(chunk)
+                    fed += n
                     if check is not None:
                         check.update(chunk)
                     if writer.offset >= next_check:
                         next_check = writer.offset + SPACE_CHECK_BYTES
-                        if self.store.free_bytes() - (record.length - writer.offset) < reserve:
+                        free = self.pipeline.free_bytes()  # None: a bucket
+                        if free is not None and free - (record.length - writer.offset) < reserve:
                             raise storage_full()
                 if check is not None and checksum is not None and check.digest() != checksum[1]:
                     raise HTTPError(460, f"the {checksum[0]} checksum of the appended bytes does not match")
@@ -272,6 +277,9 @@ class ResumableUploads:
                     writer.cut(start)
                     kept, digest = start, None  # the hash is rebuilt from the file when needed
                     e = again if not isinstance(e, OSError) else e
+                kept = writer.offset  # what the store holds now (an object chunk that lost its hold: start)
+                if saved is None and kept != fed:
+                    digest = None  # it covers bytes that were not kept: rebuilt from the store when needed
                 attachment.digest, attachment.digest_at = digest, kept
                 if isinstance(e, OSError) and e.errno in _FULL_ERRNOS:
                     raise storage_full() from None

@@ -1,0 +1,175 @@
+"""The bytes of unfinished resumable uploads as objects in the bucket, so any node can resume them.
+
+Strategy: the same interface as `PartialFiles` (storage/partials.py), with an upload's
+bytes as a chain of chunk objects instead of one append-only file: each append streams
+into a new object named by the offset it starts at (`<prefix>partial.<id>.<offset>`),
+and becomes visible only when that append ends (a multipart upload completes, or one
+PUT), keeping every byte that arrived. The offset is therefore what a listing of the
+upload's chunks adds up to: no state beside the bytes, nothing to go out of step, and a
+node killed mid-append leaves an unfinished multipart upload (invisible, swept later)
+rather than a wrong offset. A new upload starts with an empty chunk at offset 0, so "no
+chunk" means the upload's bytes are gone. Listings use no '/' in their prefix (some
+S3-compatible servers mis-sign those).
+
+Appends never overlap: the resumable engine holds the upload's writer lock (shared
+through Redis across nodes) while one runs, and a writer whose lock lapsed does not
+complete its chunk.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import time
+from typing import Iterator, Optional
+
+from ..errors import HTTPError
+from .objects import ObjectStore, unavailable
+from .partials import UPLOAD_ID, PartialCorrupt
+from .s3client import S3Error
+
+log = logging.getLogger("hmacfs")
+OFFSET_DIGITS = 16
+_CHUNK = re.compile(r"partial\.([A-Za-z0-9_-]+)\.(\d{16})\Z")
+
+
+class ObjectChunkWriter:
+    """One append: streams into a new chunk object that starts at `start`."""
+
+    def __init__(self, objects: ObjectStore, key: str, start: int) -> None:
+        self.objects = objects
+        self.key = key
+        self.start = self.offset = start
+        try:
+            self._writer = objects.writer(key)
+        except (S3Error, OSError) as e:
+            raise unavailable(e) from None
+        self._done = False
+        self.allowed = lambda: True  # the engine's check that it still holds the upload (fencing)
+
+    def write(self, chunk: memoryview) -> None:
+        try:
+            self._writer.write(chunk)
+        except (S3Error, OSError) as e:
+            raise unavailable(e) from None
+        self.offset += len(chunk)
+
+    def cut(self, offset: int) -> None:
+        """Keep everything written so far, or nothing (back to `start`)."""
+        if offset == self.offset:
+            return
+        if offset != self.start:
+            raise ValueError("a writer can only go back to where it started")
+        self._abort()
+        self.offset = offset
+
+    def sync(self) -> None:
+        """Make the chunk visible (its bytes are then part of the upload's offset)."""
+        if self._done:
+            return
+        if self.offset == self.start:  # nothing to keep: no empty chunk beside the marker
+            self._abort()
+            return
+        if not self.allowed():
+            self._abort()
+            raise HTTPError(423, "another request took this upload over; ask for its offset and go on",
+                            {"Retry-After": "1"})
+        try:
+            self._writer.finish()
+        except (S3Error, OSError) as e:
+            self._abort()
+            raise unavailable(e) from None
+        self._done = True
+
+    def close(self) -> None:
+        if not self._done:
+            self._abort()
+
+    def _abort(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        self.offset = self.start  # what the store holds of this append: nothing
+        try:
+            self._writer.abort()
+        except Exception as e:  # an unfinished multipart upload is swept later
+            log.warning("object storage: could not abort chunk %s (%s)", self.key, e)
+
+
+class ObjectPartials:
+    """Resumable uploads' bytes in the bucket (the `PartialFiles` interface)."""
+
+    def __init__(self, objects: ObjectStore) -> None:
+        self.objects = objects
+
+    def _key(self, upload_id: str, offset: int) -> str:
+        return f"{self.objects.prefix}partial.{upload_id}.{offset:0{OFFSET_DIGITS}d}"
+
+    def _chunks(self, upload_id: str) -> list[tuple[int, int, str]]:
+        """(start, size, key) of the upload's chunks, in order (503 when the bucket cannot be listed)."""
+        found = []
+        try:
+            for info in self.objects.client.list_objects(f"{self.objects.prefix}partial.{upload_id}."):
+                match = _CHUNK.fullmatch(info.key[len(self.objects.prefix):])
+                if match and match.group(1) == upload_id:
+                    found.append((int(match.group(2)), info.size, info.key))
+        except (S3Error, OSError) as e:
+            raise unavailable(e) from None
+        return sorted(found)
+
+    def is_sealed(self, upload_id: str) -> bool:
+        return False
+
+    def create(self, upload_id: str) -> None:
+        try:
+            self.objects.client.put_object(self._key(upload_id, 0), b"", 0)
+        except (S3Error, OSError) as e:
+            raise unavailable(e) from None
+
+    def size(self, upload_id: str) -> Optional[int]:
+        chunks = self._chunks(upload_id)
+        if not chunks:
+            return None
+        end = 0
+        for start, size, key in chunks:
+            if start != end:
+                raise PartialCorrupt(f"chunk {key} starts at {start}, the bytes before it end at {end}")
+            end += size
+        return end
+
+    def open_at(self, upload_id: str, offset: int) -> ObjectChunkWriter:
+        return ObjectChunkWriter(self.objects, self._key(upload_id, offset), offset)
+
+    def read(self, upload_id: str, upto: int) -> Iterator[bytes]:
+        done = 0
+        for start, size, key in self._chunks(upload_id):
+            if done >= upto:
+                return
+            if start != done:
+                raise PartialCorrupt(f"chunk {key} starts at {start}, expected {done}")
+            take = min(size, upto - done)
+            if take:
+                for piece in self.objects.read(key, 0, take - 1):
+                    yield bytes(piece)
+            done += take
+        if done < upto:
+            raise PartialCorrupt("shorter than its offset")
+
+    def remove(self, upload_id: str) -> bool:
+        chunks = self._chunks(upload_id)
+        for _start, _size, key in chunks:
+            self.objects.delete(key)
+        return bool(chunks)
+
+    def orphans(self, known: set[str], older_than: float) -> list[str]:
+        """Uploads with chunks but no row, whose newest chunk is older than `older_than` seconds."""
+        cutoff = time.time() - older_than
+        newest: dict[str, float] = {}
+        try:
+            for info in self.objects.client.list_objects(f"{self.objects.prefix}partial."):
+                match = _CHUNK.fullmatch(info.key[len(self.objects.prefix):])
+                if match and UPLOAD_ID.fullmatch(match.group(1)):
+                    newest[match.group(1)] = max(newest.get(match.group(1), 0.0), info.last_modified)
+        except (S3Error, OSError) as e:
+            log.warning("object storage: could not list partial uploads (%s)", e)
+            return []
+        return [upload_id for upload_id, at in newest.items() if upload_id not in known and at < cutoff]
