@@ -9,116 +9,33 @@ handed to the caller as a stream and its connection returns to the pool only whe
 end. Error bodies keep only Code and Message: S3 echoes the signature in SignatureDoesNotMatch,
 and nothing here ever formats a secret or a signature into an exception.
 
-Multipart uploads with bounded memory and concurrency live in storage/s3multipart.py.
+Settings and credentials live in storage/s3config.py (re-exported here), multipart uploads with
+bounded memory and concurrency in storage/s3multipart.py.
 """
 from __future__ import annotations
 
-import configparser
 import datetime
 import hashlib
 import http.client
-import ipaddress
-import os
 import re
 import ssl
 import threading
-from dataclasses import dataclass, field
 from typing import IO, Iterator, Mapping, Optional, Union
 from urllib.parse import urlsplit
 
 from . import s3xml, sigv4
+from .s3config import S3Settings, choose_addressing, resolve_credentials
 from .s3xml import ObjectInfo
 
-__all__ = ["ObjectInfo", "S3Client", "S3Error", "S3Object", "S3Settings", "resolve_credentials"]
+__all__ = ["ObjectInfo", "S3Client", "S3Error", "S3Object", "S3Settings", "choose_addressing", "resolve_credentials"]
 
 CHUNK = 1 << 20
 MAX_COPY = 5 << 30  # the largest single CopyObject S3 accepts; above it, UploadPartCopy
 COPY_PART = 512 << 20
 _POOL_SIZE = 8
 _CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken", "AccessDenied"}
-_DNS_BUCKET = re.compile(r"[a-z0-9][a-z0-9-]{1,61}[a-z0-9]")
 _HEX64 = re.compile(r"\b[0-9a-f]{64}\b")
 Body = Union[bytes, bytearray, memoryview, IO[bytes]]
-
-
-@dataclass(frozen=True)
-class S3Settings:
-    """Where and as whom to talk to S3. `addressing`: "path" (`host/bucket/key`), "virtual"
-    (`bucket.host/key`) or "auto": path-style for an IP address or localhost (they have no
-    per-bucket DNS names, and MinIO/moto on loopback expect it) and for bucket names that are
-    not DNS labels; virtual-hosted otherwise, as AWS recommends."""
-
-    endpoint: str
-    bucket: str
-    region: str = "us-east-1"
-    access_key: str = ""
-    secret_key: str = field(default="", repr=False)
-    session_token: Optional[str] = field(default=None, repr=False)
-    addressing: str = "auto"
-    ca_file: Optional[str] = None
-    timeout: float = 30.0
-
-    def __post_init__(self) -> None:
-        parts = urlsplit(self.endpoint)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"S3 endpoint must be an http:// or https:// URL with a host, not {self.endpoint!r}")
-        if parts.path not in ("", "/") or parts.query:
-            raise ValueError(f"S3 endpoint must not have a path or query: {self.endpoint!r}")
-        if self.addressing not in ("path", "virtual", "auto"):
-            raise ValueError(f"S3 addressing must be path, virtual or auto, not {self.addressing!r}")
-        if not self.bucket:
-            raise ValueError("S3 bucket name is empty")
-
-
-def choose_addressing(host: str, bucket: str, addressing: str) -> str:
-    """Resolve "auto" to "path" or "virtual" (see S3Settings)."""
-    if addressing != "auto":
-        return addressing
-    try:
-        ipaddress.ip_address(host.strip("[]"))
-        return "path"
-    except ValueError:
-        pass
-    if host == "localhost" or host.endswith(".localhost") or not _DNS_BUCKET.fullmatch(bucket):
-        return "path"
-    return "virtual"
-
-
-def resolve_credentials(
-    config_access: Optional[str],
-    config_secret: Optional[str],
-    environ: Mapping[str, str],
-    credentials_file: Optional[str] = None,
-    profile: str = "default",
-) -> tuple[str, str, Optional[str]]:
-    """(access key, secret key, session token) from, in order: the config, the environment
-    (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`), the shared credentials
-    file (`AWS_SHARED_CREDENTIALS_FILE` or `~/.aws/credentials`, profile `AWS_PROFILE`), the
-    order the AWS SDKs use minus what needs a network. A source counts only when it has both
-    keys; ValueError names the places looked at when none has."""
-    if config_access and config_secret:
-        return config_access, config_secret, None
-    if environ.get("AWS_ACCESS_KEY_ID") and environ.get("AWS_SECRET_ACCESS_KEY"):
-        return environ["AWS_ACCESS_KEY_ID"], environ["AWS_SECRET_ACCESS_KEY"], environ.get("AWS_SESSION_TOKEN") or None
-    path = credentials_file or environ.get("AWS_SHARED_CREDENTIALS_FILE")
-    if not path:
-        home = environ.get("HOME") or os.path.expanduser("~")
-        path = os.path.join(home, ".aws", "credentials")
-    profile = environ.get("AWS_PROFILE") or profile
-    parser = configparser.ConfigParser(interpolation=None)
-    try:
-        parser.read(path, encoding="utf-8")
-    except (configparser.Error, UnicodeDecodeError) as exc:
-        raise ValueError(f"S3 credentials file {path} is not readable INI: {exc.__class__.__name__}") from None
-    if parser.has_section(profile):
-        section = parser[profile]
-        access, secret = section.get("aws_access_key_id"), section.get("aws_secret_access_key")
-        if access and secret:
-            return access.strip(), secret.strip(), (section.get("aws_session_token") or "").strip() or None
-    raise ValueError(
-        "no S3 credentials: set the access and secret key in the config, or AWS_ACCESS_KEY_ID and "
-        f"AWS_SECRET_ACCESS_KEY, or profile [{profile}] in {path}"
-    )
 
 
 class S3Error(Exception):
@@ -307,10 +224,14 @@ class S3Client:
                     conn.request(method, target, body=data, headers=all_headers)
                 response = conn.getresponse()
             except (OSError, http.client.HTTPException) as exc:
-                conn.close()
-                if attempt == 0 and retryable:
-                    continue
-                raise self._error(0, exc.__class__.__name__, str(exc), operation, key) from None
+                # S3 may refuse an upload (bad signature, no such bucket) and close before taking
+                # the whole body: its answer, if it arrived, says more than the broken pipe.
+                response = _early_answer(conn) if streamed and isinstance(exc, OSError) else None
+                if response is None:
+                    conn.close()
+                    if attempt == 0 and retryable:
+                        continue
+                    raise self._error(0, exc.__class__.__name__, str(exc), operation, key) from None
             break
         if response.status not in ok:
             raw = response.read(1 << 16) if method != "HEAD" else b""
@@ -419,8 +340,9 @@ class S3Client:
                           content_type=resp.get("content-type"))
 
     def get_object(self, key: str, start: Optional[int] = None, end: Optional[int] = None) -> S3Object:
-        """Stream `key`, or the inclusive byte range start..end (end None: to the end) with
-        206 passthrough. S3Error: 404 NoSuchKey, 416 InvalidRange."""
+        """Stream `key`, or the inclusive byte range start..end with 206 passthrough (end None:
+        to the end; start None: the last `end` bytes, HTTP's suffix range).
+        S3Error: 404 NoSuchKey, 416 InvalidRange."""
         headers = {}
         if start is not None or end is not None:
             headers["Range"] = f"bytes={'' if start is None else start}-{'' if end is None else end}"
@@ -499,6 +421,15 @@ class S3Client:
             if exc.status in (400, 403):
                 self._request("GET", None, "ListObjectsV2", query=[("list-type", "2"), ("max-keys", "1")])
             raise
+
+
+def _early_answer(conn: http.client.HTTPConnection) -> Optional[http.client.HTTPResponse]:
+    """The response a server sent before it stopped reading our body, if any."""
+    try:
+        response = conn.getresponse()
+    except (OSError, http.client.HTTPException):
+        return None
+    return response if response.status >= 300 else None
 
 
 def _status_code(status: int, key: Optional[str]) -> str:

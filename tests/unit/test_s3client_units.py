@@ -351,6 +351,34 @@ def test_streamed_put_and_post_are_not_retried():
     assert len(log) == 1
 
 
+def test_an_upload_refused_mid_body_reports_the_servers_answer():
+    import io
+
+    class RefusingConnection(Connection):
+        def _next_send(self, method, target):
+            self.log.append((method, target))
+
+        def send(self, data):
+            raise BrokenPipeError("the server stopped reading")
+
+        def getresponse(self):
+            step = self.script.pop(0)
+            if isinstance(step, BaseException):
+                raise step
+            return step
+
+    client, _ = scripted([])
+    log: list = []
+    client._connect = lambda: RefusingConnection([Response(403, SIGNATURE_MISMATCH, reason="Forbidden")], log)
+    with pytest.raises(S3Error) as caught:
+        client.put_object("k", io.BytesIO(b"x" * 100), 100)
+    assert (caught.value.status, caught.value.code) == (403, "SignatureDoesNotMatch")
+    client._connect = lambda: RefusingConnection([ConnectionResetError("no answer either")], log)
+    with pytest.raises(S3Error) as caught:
+        client.put_object("k", io.BytesIO(b"x" * 100), 100)
+    assert (caught.value.status, caught.value.code) == (0, "BrokenPipeError")
+
+
 def test_get_range_reads_size_from_content_range_and_streams():
     client, _ = scripted([Response(206, b"llo ", {"content-range": "bytes 2-5/11"})])
     with client.get_object("k", 2, 5) as obj:
