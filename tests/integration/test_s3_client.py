@@ -14,6 +14,8 @@ import hashlib
 import http.server
 import io
 import os
+import ssl
+import subprocess
 import threading
 import urllib.error
 import urllib.request
@@ -253,6 +255,42 @@ def keepalive():
     client.close()
     server.shutdown()
     server.server_close()
+
+
+@pytest.fixture
+def tls_server(tmp_path):
+    """The HTTP/1.1 stand-in behind TLS with a throwaway self-signed certificate for 127.0.0.1."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-addext", "basicConstraints=critical,CA:TRUE",
+                    "-addext", "keyUsage=critical,digitalSignature,keyCertSign"],
+                   check=True, capture_output=True, timeout=60)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), KeepAliveHandler)
+    server.connections, server.drop_idle = 0, False
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"https://127.0.0.1:{server.server_address[1]}", str(cert)
+    server.shutdown()
+    server.server_close()
+
+
+def test_tls_checks_the_certificate(tls_server):
+    endpoint, cert = tls_server
+    untrusted = S3Client(S3Settings(endpoint, "bkt", access_key="AK", secret_key="SK", timeout=10))
+    with pytest.raises(S3Error) as caught:
+        untrusted.head_object("k")
+    assert caught.value.status == 0 and "CERTIFICATE_VERIFY_FAILED" in str(caught.value)
+    trusted = S3Client(S3Settings(endpoint, "bkt", access_key="AK", secret_key="SK", ca_file=cert, timeout=10))
+    assert trusted.head_object("k").size == 2
+    wrong_name = S3Client(S3Settings(endpoint.replace("127.0.0.1", "localhost"), "bkt", access_key="AK",
+                                     secret_key="SK", ca_file=cert, timeout=10))
+    with pytest.raises(S3Error) as caught:  # the certificate names 127.0.0.1 only
+        wrong_name.head_object("k")
+    assert caught.value.status == 0 and "match" in str(caught.value)
 
 
 def test_connections_are_reused(keepalive):
