@@ -68,19 +68,25 @@ class App:
         self.objects = build_object_store(config) if config.storage.backend == "s3" else None
         dedup = config.deduplication
         self.blobs = (BlobStore(dedup.directory or os.path.join(self.store.internal, "blobs"), self.meta,
-                                self.store.root) if dedup.enabled else None)
+                                self.store.root) if dedup.enabled and self.objects is None else None)
         if self.blobs is not None and not self.blobs.linkable:
             log.warning("deduplication directory %s is on another filesystem than the store: paths are "
                         "recorded as references to their blob (no hard links)", self.blobs.directory)
         self.hot = HotFiles()
         locks = PathLocks()  # commits and removals of one path take turns
+        object_blobs = None
+        if self.objects is not None and dedup.enabled:
+            from .storage.objects import ObjectBlobs
+
+            object_blobs = ObjectBlobs(self.objects, self.meta)
         self.catalog = Catalog(self.store, self.meta, self.blobs, on_remove=self.hot.discard, locks=locks,
-                               objects=self.objects)
+                               objects=self.objects, object_blobs=object_blobs)
         versioning = config.versioning
         keep_versions = versioning.maxversions if versioning.enableversioning else None
         self.pipeline: Union[UploadPipeline, ObjectPipeline]
         if self.objects is not None:
-            self.pipeline = ObjectPipeline(self.objects, self.meta, keep_versions, self.keyring, locks=locks)
+            self.pipeline = ObjectPipeline(self.objects, self.meta, keep_versions, self.keyring, locks=locks,
+                                           blobs=object_blobs)
         else:
             self.pipeline = UploadPipeline(self.store, self.meta, self.blobs, keep_versions, self.keyring, locks=locks)
         q = config.quotas
@@ -96,6 +102,7 @@ class App:
                         if clamav.clamavenabled else None)
         self.janitor = Janitor(self.store, self.meta, self.catalog, self.blobs, config.server.cleanupinterval,
                                max(config.timeouts.readtimeout, 60.0) + 60.0, self.metrics, self.resumable)
+        self.janitor.objects = self.objects
         if self.redis is not None:
             from .services.redisconn import Lease
 
@@ -213,7 +220,7 @@ def build_resumable(app: App) -> ResumableUploads:
     if app.objects is not None:
         from .storage.objectpartials import ObjectPartials
 
-        partials = ObjectPartials(app.objects)
+        partials = ObjectPartials(app.objects, app.keyring)
     else:
         partials = PartialFiles(os.path.join(app.store.internal, "partials"), app.keyring)
     on_takeover = app.metrics.resumable_takeovers.inc
@@ -242,12 +249,9 @@ def build_object_store(config: Config):
     from .storage.s3client import S3Client, S3Error, S3Settings, resolve_credentials
 
     st = config.storage
-    unsupported = [name for name, on in (("[deduplication]", config.deduplication.enabled),
-                                         ("[encryption]", config.encryption.enabled),
-                                         ("[thumbnails]", config.thumbnails.enabled)) if on]
-    if unsupported:
-        raise StartupError(f"backend = \"s3\" does not support {', '.join(unsupported)} in this version: "
-                           "turn them off or use backend = \"local\"")
+    if config.thumbnails.enabled:
+        raise StartupError("[thumbnails] enabled = true is not supported with backend = \"s3\" in this version: "
+                           "turn it off or use backend = \"local\"")
     try:
         access, secret, token = resolve_credentials(st.s3accesskey, st.s3secretkey, os.environ,
                                                     st.s3credentialsfile or None)

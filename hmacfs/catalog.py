@@ -20,9 +20,10 @@ from .meta.record import VersionRecord
 from .pipeline import PathLocks, remove_version_bytes
 from .storage.blobs import BlobStore
 from .storage.local import LocalStore
+from .storage.objects import release_object
 
 if TYPE_CHECKING:
-    from .storage.objects import ObjectStore
+    from .storage.objects import ObjectBlobs, ObjectStore
 
 log = logging.getLogger("hmacfs")
 
@@ -45,9 +46,10 @@ class Catalog:
 
     def __init__(self, store: LocalStore, meta: MetaStore, blobs: Optional[BlobStore] = None,
                  on_remove: Optional[Callable[[str], None]] = None, locks: Optional[PathLocks] = None,
-                 objects: Optional[ObjectStore] = None) -> None:
+                 objects: Optional[ObjectStore] = None, object_blobs: Optional[ObjectBlobs] = None) -> None:
         self.locks = locks or PathLocks()
         self.objects = objects  # the S3 backend: rows name objects (storage/objects.py)
+        self.object_blobs = object_blobs
         self.store = store
         self.meta = meta
         self.blobs = blobs
@@ -131,16 +133,22 @@ class Catalog:
                 if expired_at is not None and record is None:
                     return False
                 versions = self.meta.drop_versions(path, 0)
-                trash = self.store.detach(path) if self.objects is None else None
-                if record is not None and record.blob is not None and self.blobs is not None:
-                    self.blobs.release(record.blob)
-                for version in versions:
-                    remove_version_bytes(self.store, self.blobs, version)
+                if self.objects is not None:  # the bucket: objects go once no row names them
+                    rows = [(record.blob, record.object_key)] if record is not None else []
+                    gone = [key for blob, key in rows + [(v.blob, v.object_key) for v in versions]
+                            for key in release_object(self.object_blobs, blob, key)]
+                    trash = None
+                else:
+                    trash = self.store.detach(path)
+                    if record is not None and record.blob is not None and self.blobs is not None:
+                        self.blobs.release(record.blob)
+                    for version in versions:
+                        remove_version_bytes(self.store, self.blobs, version)
             if trash is not None:
                 self.store.discard_temp(trash)
-        if self.objects is not None:  # no row names them now: deleted after the transaction
-            for key in [record.object_key if record is not None else None, *(v.object_key for v in versions)]:
-                self.objects.delete(key)
+            if self.objects is not None:
+                for key in gone:
+                    self.objects.delete(key)
         for hook in self.on_remove:
             try:
                 hook(path)

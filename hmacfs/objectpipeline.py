@@ -20,25 +20,15 @@ from typing import TYPE_CHECKING, Callable, Optional
 from .meta import FileRecord, MetaStore
 from .meta.record import VersionRecord
 from .pipeline import BodySource, PathLocks, Received, Scan, Upload, _Sink
+from .storage.blobs import blob_key
 from .storage.local import PathConflict
-from .storage.objects import ObjectStore, unavailable
+from .storage.objects import ObjectBlobs, ObjectStore, WriterFile, release_object, unavailable
 from .storage.s3client import S3Error
 
 if TYPE_CHECKING:
     from .storage.encrypted import Keyring
 
 log = logging.getLogger("hmacfs")
-
-
-class _WriterFile:
-    """The object writer as the binary file the segment encrypter writes to."""
-
-    def __init__(self, writer) -> None:
-        self.writer = writer
-
-    def write(self, data) -> int:
-        self.writer.write(memoryview(data))
-        return len(data)
 
 
 class ObjectPipeline:
@@ -48,8 +38,9 @@ class ObjectPipeline:
 
     def __init__(self, objects: ObjectStore, meta: MetaStore, keep_versions: Optional[int] = None,
                  keyring: Optional[Keyring] = None, segment_size: int = 1024 * 1024,
-                 locks: Optional[PathLocks] = None) -> None:
+                 locks: Optional[PathLocks] = None, blobs: Optional[ObjectBlobs] = None) -> None:
         self.objects = objects
+        self.blobs = blobs  # deduplication: one object per distinct content
         self.meta = meta
         self.keep_versions = keep_versions
         self.keyring = keyring
@@ -76,7 +67,7 @@ class ObjectPipeline:
             writer = self.objects.writer(key)
         except (S3Error, OSError) as e:
             raise unavailable(e) from None
-        sink = _Sink(_WriterFile(writer), self.keyring, self.segment_size)
+        sink = _Sink(WriterFile(writer), self.keyring, self.segment_size)
         try:
             while True:
                 n = body.readinto(buf)  # the client's failures propagate as they are
@@ -106,11 +97,15 @@ class ObjectPipeline:
         try:
             if before_commit is not None:
                 before_commit(received)
+            blob = copied = None
+            if self.blobs is not None:  # the content's object is made before the shared lock is taken
+                blob = blob_key(received.sha256, received.encrypted)
+                copied = self.blobs.prepare(received.object_key or "", blob)
             with self.locks.hold(path):  # this node's uploads queue here, not on the shared lock
-                record = self._commit(received, upload, gone)
+                record = self._commit(received, upload, gone, blob, bool(copied))
         finally:
-            if record is None:
-                gone.append(received.object_key or "")
+            if record is None or record.object_key != received.object_key:
+                gone.append(received.object_key or "")  # not the file, or its bytes are in the blob
             for key in gone:
                 self.objects.delete(key)
         for hook in self.on_commit:
@@ -120,24 +115,28 @@ class ObjectPipeline:
                 log.exception("after-commit job failed for %r", path)
         return record
 
-    def _commit(self, received: Received, upload: Upload, gone: list[str]) -> FileRecord:
+    def _commit(self, received: Received, upload: Upload, gone: list[str], blob: Optional[str],
+                copied: bool) -> FileRecord:
         path = upload.signed_path
         with self.meta.transaction():
             current = self.meta.get(path)
             if current is not None and self.keep_versions is None:
                 raise PathConflict(path)
             kept = _as_version(current, self._next_number(current)) if current is not None else None
+            key = received.object_key
+            if self.blobs is not None and blob is not None:
+                key = self.blobs.acquire(blob, received.size, received.object_key or "", copied)
             record = FileRecord(path=path, size=received.size, content_type=upload.content_type,
                                 sha256=received.sha256, created=time.time(), expires=upload.expires,
                                 uploader=upload.uploader, version=kept.version + 1 if kept is not None else 1,
-                                encrypted=received.encrypted, object_key=received.object_key)
+                                blob=blob, encrypted=received.encrypted, object_key=key)
             if upload.admit is not None:
                 upload.admit(record)
             if kept is not None:
                 self.meta.add_version(kept)
                 self.meta.put(record)
                 for old in self.meta.drop_versions(path, self.keep_versions or 0):
-                    gone.append(old.object_key or "")
+                    gone.extend(release_object(self.blobs, old.blob, old.object_key))
             elif not self.meta.put_new(record):
                 raise PathConflict(path)
         return record
@@ -151,7 +150,7 @@ def _as_version(current: FileRecord, number: int) -> VersionRecord:
     """The current file kept as a version: the same object, now named by a version row."""
     return VersionRecord(path=current.path, version=number, size=current.size, content_type=current.content_type,
                          sha256=current.sha256, created=current.created, uploader=current.uploader,
-                         encrypted=current.encrypted, object_key=current.object_key)
+                         blob=current.blob, encrypted=current.encrypted, object_key=current.object_key)
 
 
 def _to_store(step: Callable, *args) -> None:

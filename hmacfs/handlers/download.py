@@ -378,9 +378,12 @@ def _reader(app: App, signed_path: str, record: FileRecord, fd: Optional[int], s
     if app.keyring is None:
         log.error("%r is stored encrypted but [encryption] is off: it cannot be served", signed_path)
         raise HTTPError(500, "this file is stored encrypted and encryption is not configured")
-    assert fd is not None
     try:
-        reader = SegmentReader(fd, app.keyring, st.st_size)
+        if record.object_key:  # in the bucket: each segment is a ranged GET
+            reader = SegmentReader(app.objects.random_access(record.object_key), app.keyring)
+        else:
+            assert fd is not None
+            reader = SegmentReader(fd, app.keyring, st.st_size)
         if reader.plaintext_size != record.size:
             raise CorruptFile(f"holds {reader.plaintext_size} bytes, its metadata says {record.size}")
         if reader.plaintext_size == 0:

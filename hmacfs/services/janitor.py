@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
 from ..storage.blobs import is_blob_file
+from ..storage.objects import BLOB_PREFIX
 
 if TYPE_CHECKING:
     from ..catalog import Catalog
@@ -37,6 +38,8 @@ BATCH = 200
 PAUSE = 0.05          # seconds between batches
 ORPHAN_AGE = 3600.0   # a file without its row this old is a crash's leftover, not a commit in progress
 DAY = 86400.0
+OBJECT_SWEEP_EVERY = 3600.0  # S3 backend: objects no row names are looked for hourly (a pass reads every row)
+OBJECT_GRACE = ORPHAN_AGE    # an object younger than this may belong to a commit in progress
 
 
 @dataclass
@@ -74,6 +77,9 @@ class Janitor:
         # work (expiry, the upload log, resumable records, blob counts), so it runs once in the
         # cluster; every node still sweeps its own temp files.
         self.lease = None
+        self.objects = None  # the S3 backend's ObjectStore: objects no row names are swept too
+        self._objects_swept = 0.0
+        self._named: Optional[set[str]] = None
         self.last_run: Optional[JanitorRun] = None
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -117,6 +123,10 @@ class Janitor:
                 run.partials = self.resumable.sweep(now)
             if self.blobs is not None:
                 self._reconcile_blobs(run)
+            if self.objects is not None and now - self._objects_swept >= OBJECT_SWEEP_EVERY:
+                self._objects_swept, self._named = now, None
+                run.orphans += self.objects.sweep(self._object_named, OBJECT_GRACE, now)
+                self._named = None
         self.last_run = run
         if self.metrics is not None:
             self.metrics.janitor_runs.inc()
@@ -127,6 +137,17 @@ class Janitor:
                      "blob(s), %d expired resumable upload(s); fixed %d blob count(s)", run.expired, run.temp_files,
                      run.orphans, run.blobs_removed, run.partials, run.refs_fixed)
         return run
+
+    def _object_named(self, key: str) -> bool:
+        """Does a row need this object? Blobs by their count; upload objects by the rows' keys
+        (gathered once per sweep: the rows do not index object keys)."""
+        assert self.objects is not None
+        name = key[len(self.objects.prefix):]
+        if name.startswith(BLOB_PREFIX):
+            return self.meta.blob_refs(name[len(BLOB_PREFIX):]) > 0
+        if self._named is None:
+            self._named = named_objects(self.meta)
+        return key in self._named
 
     def _expire(self, now: float, run: JanitorRun) -> None:
         while not self._stop.is_set():
@@ -211,6 +232,21 @@ class Janitor:
             run.blobs_removed += 1
         except FileNotFoundError:
             pass
+
+
+def named_objects(meta) -> set[str]:
+    """Every object key a file or version row names (one pass over the metadata)."""
+    named: set[str] = set()
+    after = ""
+    while True:
+        page = meta.select(limit=1000, after=after)
+        if not page:
+            return named
+        for record in page:
+            if record.object_key:
+                named.add(record.object_key)
+            named.update(v.object_key for v in meta.versions(record.path) if v.object_key)
+        after = page[-1].path
 
 
 def _older(path: str, now: float, age: float) -> bool:

@@ -57,7 +57,8 @@ import secrets
 import struct
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import BinaryIO, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
+from functools import partial
+from typing import BinaryIO, Callable, Dict, Iterator, List, NamedTuple, Optional, Protocol, Sequence, Tuple, Union
 
 from ..errors import StartupError
 from .aesgcm import NONCE_SIZE, TAG_SIZE, AesGcm, InvalidTag
@@ -421,6 +422,14 @@ def _pread_into(fd: int, view: memoryview, offset: int) -> int:
     return got
 
 
+class RandomAccess(Protocol):
+    """Bytes read at any offset, as an encrypted file held elsewhere than an fd offers them."""
+
+    size: int
+
+    def read_into(self, view: memoryview, offset: int) -> int: ...
+
+
 class SegmentReader:
     """Random access to the plaintext of an encrypted file open at `fd` (the caller closes it).
 
@@ -429,11 +438,16 @@ class SegmentReader:
     has been read: a truncated file fails there, while bytes served from earlier segments
     are always genuine and in place."""
 
-    def __init__(self, fd: int, keyring: Keyring, file_size: Optional[int] = None) -> None:
-        if file_size is None:
-            file_size = os.fstat(fd).st_size
-        self._fd = fd
-        self._header = parse_header(os.pread(fd, HEADER_SIZE, 0))
+    def __init__(self, fd: Union[int, RandomAccess], keyring: Keyring, file_size: Optional[int] = None) -> None:
+        if isinstance(fd, int):
+            if file_size is None:
+                file_size = os.fstat(fd).st_size
+            self._read_into: Callable[[memoryview, int], int] = partial(_pread_into, fd)
+        else:  # an object in a bucket (storage/objects.py): ranged reads
+            file_size = fd.size if file_size is None else file_size
+            self._read_into = fd.read_into
+        head = memoryview(bytearray(HEADER_SIZE))
+        self._header = parse_header(bytes(head[:self._read_into(head, 0)]))
         self.key_id = self._header.key_id
         self.segment_size = self._header.segment_size
         self.segment_count, self.plaintext_size = segment_layout(file_size, self.segment_size)
@@ -504,7 +518,7 @@ class SegmentReader:
         size = self.segment_size
         length = (self.plaintext_size - index * size if final else size) + OVERHEAD
         stored = view[:length]
-        if _pread_into(self._fd, stored, HEADER_SIZE + index * (size + OVERHEAD)) != length:
+        if self._read_into(stored, HEADER_SIZE + index * (size + OVERHEAD)) != length:
             raise TamperedError(index, "is cut short (the file shrank while being read)")
         plain = stored[NONCE_SIZE:length - TAG_SIZE]
         try:

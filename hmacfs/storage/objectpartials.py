@@ -20,22 +20,28 @@ from __future__ import annotations
 import logging
 import re
 import time
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 from ..errors import HTTPError
-from .objects import ObjectStore, unavailable
+from .objects import PARTIAL_PREFIX, ObjectRange, ObjectStore, WriterFile, unavailable
 from .partials import UPLOAD_ID, PartialCorrupt
 from .s3client import S3Error
 
+if TYPE_CHECKING:
+    from .encrypted import Keyring
+
 log = logging.getLogger("hmacfs")
 OFFSET_DIGITS = 16
-_CHUNK = re.compile(r"partial\.([A-Za-z0-9_-]+)\.(\d{16})\Z")
+SEALED = ".sealed"  # a chunk stored as AES-GCM segments (storage/encrypted.py)
+SEGMENT_SIZE = 1 << 20
+_CHUNK = re.compile(re.escape(PARTIAL_PREFIX) + r"([A-Za-z0-9_-]+)\.(\d{16})(\.sealed)?\Z")
 
 
 class ObjectChunkWriter:
-    """One append: streams into a new chunk object that starts at `start`."""
+    """One append: streams into a new chunk object that starts at `start` (AES-GCM segments,
+    as a stored file's, when encryption is on: unfinished uploads are encrypted at rest too)."""
 
-    def __init__(self, objects: ObjectStore, key: str, start: int) -> None:
+    def __init__(self, objects: ObjectStore, key: str, start: int, keyring: Optional[Keyring] = None) -> None:
         self.objects = objects
         self.key = key
         self.start = self.offset = start
@@ -43,12 +49,17 @@ class ObjectChunkWriter:
             self._writer = objects.writer(key)
         except (S3Error, OSError) as e:
             raise unavailable(e) from None
+        self._sealer = None
+        if keyring is not None:
+            from .encrypted import SegmentWriter
+
+            self._sealer = SegmentWriter(WriterFile(self._writer), keyring, SEGMENT_SIZE)
         self._done = False
         self.allowed = lambda: True  # the engine's check that it still holds the upload (fencing)
 
     def write(self, chunk: memoryview) -> None:
         try:
-            self._writer.write(chunk)
+            (self._sealer or self._writer).write(chunk)
         except (S3Error, OSError) as e:
             raise unavailable(e) from None
         self.offset += len(chunk)
@@ -74,6 +85,8 @@ class ObjectChunkWriter:
             raise HTTPError(423, "another request took this upload over; ask for its offset and go on",
                             {"Retry-After": "1"})
         try:
+            if self._sealer is not None:
+                self._sealer.finish()
             self._writer.finish()
         except (S3Error, OSError) as e:
             self._abort()
@@ -90,6 +103,8 @@ class ObjectChunkWriter:
         self._done = True
         self.offset = self.start  # what the store holds of this append: nothing
         try:
+            if self._sealer is not None:
+                self._sealer.abort()
             self._writer.abort()
         except Exception as e:  # an unfinished multipart upload is swept later
             log.warning("object storage: could not abort chunk %s (%s)", self.key, e)
@@ -98,20 +113,26 @@ class ObjectChunkWriter:
 class ObjectPartials:
     """Resumable uploads' bytes in the bucket (the `PartialFiles` interface)."""
 
-    def __init__(self, objects: ObjectStore) -> None:
+    def __init__(self, objects: ObjectStore, keyring: Optional[Keyring] = None) -> None:
         self.objects = objects
+        self.keyring = keyring  # new chunks are encrypted while it is set (SIGHUP may rotate it)
 
-    def _key(self, upload_id: str, offset: int) -> str:
-        return f"{self.objects.prefix}partial.{upload_id}.{offset:0{OFFSET_DIGITS}d}"
+    def _key(self, upload_id: str, offset: int, sealed: bool = False) -> str:
+        suffix = SEALED if sealed else ""
+        return f"{self.objects.prefix}{PARTIAL_PREFIX}{upload_id}.{offset:0{OFFSET_DIGITS}d}{suffix}"
 
-    def _chunks(self, upload_id: str) -> list[tuple[int, int, str]]:
-        """(start, size, key) of the upload's chunks, in order (503 when the bucket cannot be listed)."""
+    def _chunks(self, upload_id: str) -> list[tuple[int, int, str, int]]:
+        """(start, plaintext size, key, stored size) of the upload's chunks, in order (503 when
+        the bucket cannot be listed; PartialCorrupt for a sealed chunk of an impossible size)."""
         found = []
         try:
-            for info in self.objects.client.list_objects(f"{self.objects.prefix}partial.{upload_id}."):
+            for info in self.objects.client.list_objects(f"{self.objects.prefix}{PARTIAL_PREFIX}{upload_id}."):
                 match = _CHUNK.fullmatch(info.key[len(self.objects.prefix):])
                 if match and match.group(1) == upload_id:
-                    found.append((int(match.group(2)), info.size, info.key))
+                    size = info.size
+                    if match.group(3):
+                        size = _plaintext_size(info.key, info.size)
+                    found.append((int(match.group(2)), size, info.key, info.size))
         except (S3Error, OSError) as e:
             raise unavailable(e) from None
         return sorted(found)
@@ -130,33 +151,50 @@ class ObjectPartials:
         if not chunks:
             return None
         end = 0
-        for start, size, key in chunks:
+        for start, size, key, _stored in chunks:
             if start != end:
                 raise PartialCorrupt(f"chunk {key} starts at {start}, the bytes before it end at {end}")
             end += size
         return end
 
     def open_at(self, upload_id: str, offset: int) -> ObjectChunkWriter:
-        return ObjectChunkWriter(self.objects, self._key(upload_id, offset), offset)
+        keyring = self.keyring
+        return ObjectChunkWriter(self.objects, self._key(upload_id, offset, keyring is not None), offset, keyring)
 
     def read(self, upload_id: str, upto: int) -> Iterator[bytes]:
         done = 0
-        for start, size, key in self._chunks(upload_id):
+        for start, size, key, stored in self._chunks(upload_id):
             if done >= upto:
                 return
             if start != done:
                 raise PartialCorrupt(f"chunk {key} starts at {start}, expected {done}")
             take = min(size, upto - done)
             if take:
-                for piece in self.objects.read(key, 0, take - 1):
-                    yield bytes(piece)
+                yield from self._read_chunk(key, stored, take)
             done += take
         if done < upto:
             raise PartialCorrupt("shorter than its offset")
 
+    def _read_chunk(self, key: str, stored: int, take: int) -> Iterator[bytes]:
+        """The first `take` plaintext bytes of one chunk (authenticated, for a sealed one)."""
+        if not key.endswith(SEALED):
+            for piece in self.objects.read(key, 0, take - 1):
+                yield bytes(piece)
+            return
+        from .encrypted import EncryptedFileError, SegmentReader
+
+        if self.keyring is None:
+            raise PartialCorrupt("a chunk is encrypted and [encryption] is off")
+        try:
+            reader = SegmentReader(ObjectRange(self.objects, key, stored), self.keyring)
+            for piece in reader.iter_range(0, take - 1):
+                yield bytes(piece)
+        except EncryptedFileError as e:
+            raise PartialCorrupt(f"chunk {key} does not authenticate ({e})") from None
+
     def remove(self, upload_id: str) -> bool:
         chunks = self._chunks(upload_id)
-        for _start, _size, key in chunks:
+        for _start, _size, key, _stored in chunks:
             self.objects.delete(key)
         return bool(chunks)
 
@@ -165,7 +203,7 @@ class ObjectPartials:
         cutoff = time.time() - older_than
         newest: dict[str, float] = {}
         try:
-            for info in self.objects.client.list_objects(f"{self.objects.prefix}partial."):
+            for info in self.objects.client.list_objects(self.objects.prefix + PARTIAL_PREFIX):
                 match = _CHUNK.fullmatch(info.key[len(self.objects.prefix):])
                 if match and UPLOAD_ID.fullmatch(match.group(1)):
                     newest[match.group(1)] = max(newest.get(match.group(1), 0.0), info.last_modified)
@@ -173,3 +211,12 @@ class ObjectPartials:
             log.warning("object storage: could not list partial uploads (%s)", e)
             return []
         return [upload_id for upload_id, at in newest.items() if upload_id not in known and at < cutoff]
+
+
+def _plaintext_size(key: str, stored: int) -> int:
+    from .encrypted import CorruptFile, segment_layout
+
+    try:
+        return segment_layout(stored, SEGMENT_SIZE)[1]
+    except CorruptFile as e:
+        raise PartialCorrupt(f"chunk {key}: {e}") from None

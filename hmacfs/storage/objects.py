@@ -1,14 +1,14 @@
 """Stored files as objects in an S3-compatible bucket (`[storage] backend = "s3"`).
 
-Strategy: every upload streams into an object of its own under `<s3prefix>objects/`, named
-by 128 random bits, and the metadata row of the path names that object (`object_key`).
-So a path is never overwritten in the bucket: bytes of an upload in progress are an
-unfinished multipart upload (invisible) and then an object no row names yet (never
-served); racing uploads to one path each finish their own object and the metadata
-decides which becomes the file (the loser's object is deleted). Old versions keep their
-objects as they are, with no copy. Objects no row names (a node killed between finishing
-an object and writing its row) and multipart uploads nobody finished are swept after a
-grace period (`sweep`).
+Strategy: every upload streams into an object of its own (`<s3prefix>object.<128 random
+bits>`), and the metadata row of the path names that object (`object_key`). So a path is
+never overwritten in the bucket: bytes of an upload in progress are an unfinished
+multipart upload (invisible) and then an object no row names yet (never served); racing
+uploads to one path each finish their own object and the metadata decides which becomes
+the file (the loser's object is deleted). Old versions keep their objects as they are,
+with no copy; deduplicated contents live once as `blob.<key>` (`ObjectBlobs`). Objects no
+row names (a node killed between finishing an object and writing its row) and multipart
+uploads nobody finished are swept after a grace period (`sweep`).
 """
 from __future__ import annotations
 
@@ -18,12 +18,17 @@ import time
 from typing import Callable, Generator, Optional
 
 from ..errors import HTTPError
+from ..meta import MetaStore
 from .s3client import S3Client, S3Error
 from .s3multipart import MultipartWriter
 
 log = logging.getLogger("hmacfs")
 READ_BLOCK = 256 * 1024  # bytes per read of an object's body on its way to the client
-OBJECTS_DIR = "objects/"
+# Flat names, no '/' of their own: listings by these prefixes work on every S3-compatible
+# server (some mis-sign list requests whose prefix has a '/').
+OBJECT_PREFIX = "object."    # one per upload: object.<128 random bits in hex>
+BLOB_PREFIX = "blob."        # deduplication: one per distinct content, blob.<blob key>
+PARTIAL_PREFIX = "partial."  # unfinished resumable uploads (storage/objectpartials.py)
 
 
 def unavailable(error: Exception) -> HTTPError:
@@ -42,7 +47,7 @@ class ObjectStore:
         self.concurrency = concurrency
 
     def new_key(self) -> str:
-        return f"{self.prefix}{OBJECTS_DIR}{secrets.token_hex(16)}"
+        return f"{self.prefix}{OBJECT_PREFIX}{secrets.token_hex(16)}"
 
     def writer(self, key: str, content_type: Optional[str] = None) -> MultipartWriter:
         """A writer that streams into `key` (multipart above `part_size`, parts in parallel)."""
@@ -85,16 +90,30 @@ class ObjectStore:
         return self.client.presign_get(key, expires_in, response_content_type=content_type,
                                        response_content_disposition=disposition)
 
+    def random_access(self, key: str) -> ObjectRange:
+        """The object read at any offset (an encrypted file's segments: storage/encrypted.py)."""
+        try:
+            info = self.client.head_object(key)
+        except (S3Error, OSError) as e:
+            raise unavailable(e) from None
+        if info is None:
+            log.error("object storage: %s is missing (its metadata row is kept)", key)
+            raise HTTPError(500, "the stored bytes of this file are missing")
+        return ObjectRange(self, key, info.size)
+
     def sweep(self, known: Callable[[str], bool], older_than: float, now: Optional[float] = None) -> int:
-        """Delete objects under `objects/` that no row names and unfinished multipart uploads,
-        both older than `older_than` seconds (an upload in flight is younger); returns how many."""
+        """Delete upload and blob objects that no row names (`known` says), and unfinished
+        multipart uploads, all older than `older_than` seconds (an upload in flight is
+        younger); returns how many. Partial-upload chunks are the resumable engine's."""
         now = time.time() if now is None else now
         removed = 0
-        for info in self.client.list_objects(self.prefix + OBJECTS_DIR):
-            if now - info.last_modified >= older_than and not known(info.key):
+        for info in self.client.list_objects(self.prefix):
+            name = info.key[len(self.prefix):]
+            if (name.startswith((OBJECT_PREFIX, BLOB_PREFIX)) and now - info.last_modified >= older_than
+                    and not known(info.key)):
                 self.delete(info.key)
                 removed += 1
-        for key, upload_id, initiated in self.client.list_multipart_uploads(self.prefix + OBJECTS_DIR):
+        for key, upload_id, initiated in self.client.list_multipart_uploads(self.prefix):
             if now - initiated >= older_than:
                 try:
                     self.client.abort_multipart(key, upload_id)
@@ -103,3 +122,86 @@ class ObjectStore:
                     log.warning("object storage: could not abort an old multipart upload of %s (%s)", key, e)
         return removed
 
+
+class WriterFile:
+    """An object writer as the binary file the segment encrypter (storage/encrypted.py) writes to."""
+
+    def __init__(self, writer: MultipartWriter) -> None:
+        self.writer = writer
+
+    def write(self, data) -> int:
+        self.writer.write(memoryview(data))
+        return len(data)
+
+
+class ObjectRange:
+    """An object read at any offset, one ranged GET per read."""
+
+    def __init__(self, store: ObjectStore, key: str, size: int) -> None:
+        self.store = store
+        self.key = key
+        self.size = size
+
+    def read_into(self, view: memoryview, offset: int) -> int:
+        if offset >= self.size or not len(view):
+            return 0
+        last = min(self.size, offset + len(view)) - 1
+        got = 0
+        for piece in self.store.read(self.key, offset, last):
+            view[got:got + len(piece)] = piece
+            got += len(piece)
+        return got
+
+
+class ObjectBlobs:
+    """Deduplication on the bucket: one object per distinct content (`blob.<key>`), its
+    references counted in the metadata like the local blob store's.
+
+    A new content's object is copied from the upload's own object (a server-side copy)
+    before the commit's metadata transaction, so the shared lock is not held while bytes
+    move; the count is taken inside it, and the object of a blob whose count reaches 0 is
+    deleted inside it too, so an upload that counts the blob again cannot miss its object."""
+
+    def __init__(self, objects: ObjectStore, meta: MetaStore) -> None:
+        self.objects = objects
+        self.meta = meta
+
+    def key(self, blob: str) -> str:
+        return f"{self.objects.prefix}{BLOB_PREFIX}{blob}"
+
+    def prepare(self, source_key: str, blob: str) -> bool:
+        """Outside the transaction: the blob's object exists afterwards; True when this call copied it."""
+        key = self.key(blob)
+        try:
+            if self.objects.client.head_object(key) is not None:
+                return False
+            self.objects.client.copy_object(source_key, key)
+        except (S3Error, OSError) as e:
+            raise unavailable(e) from None
+        return True
+
+    def acquire(self, blob: str, size: int, source_key: str, copied: bool) -> str:
+        """In the commit's transaction: one more reference; the blob object's key."""
+        key = self.key(blob)
+        if self.meta.blob_acquire(blob, size) == 1 and not copied:
+            try:  # it was there before the transaction; a release may have deleted it since
+                if self.objects.client.head_object(key) is None:
+                    self.objects.client.copy_object(source_key, key)
+            except (S3Error, OSError) as e:
+                raise unavailable(e) from None
+        return key
+
+    def release(self, blob: str) -> None:
+        """In a transaction: one reference less; the object goes with the last one."""
+        if self.meta.blob_release(blob) == 0:
+            self.objects.delete(self.key(blob))
+
+
+def release_object(blobs: Optional[ObjectBlobs], blob: Optional[str], key: Optional[str]) -> list[str]:
+    """In a metadata transaction, for a row that is going: a blob reference is released (its
+    object goes with the last); otherwise the row's own object is returned, to be deleted
+    once the transaction has committed."""
+    if blob is not None and blobs is not None:
+        blobs.release(blob)
+        return []
+    return [key] if key else []
