@@ -313,6 +313,8 @@ def _manage(cfg: config_mod.Config, args: argparse.Namespace) -> int:
         try:
             if args.verb == "bans":
                 return _bans(tools, args)
+            if args.verb in ("reindex", "rekey", "iso"):
+                manage.local_only(tools, f"hmacfs {verb}")
             if args.verb == "iso":
                 return _iso(tools, args, older_than)
             if args.verb == "usage":

@@ -19,7 +19,7 @@ import secrets
 import stat
 import time
 from dataclasses import asdict, dataclass, field, replace
-from typing import TYPE_CHECKING, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
 from urllib.parse import quote
 
 from .catalog import Catalog
@@ -51,10 +51,11 @@ class Tools:
 
     config: Config
     store: LocalStore
-    meta: SqliteMeta
+    meta: Any  # SqliteMeta, or RedisMeta in cluster mode
     blobs: Optional[BlobStore]
     catalog: Catalog
     keyring: Optional[Keyring] = None
+    objects: Optional[Any] = None  # the S3 backend's ObjectStore
 
     def close(self) -> None:
         self.meta.close()
@@ -66,10 +67,23 @@ def open_store(config: Config, keys: bool = True) -> Tools:
     directory, a database from a newer hmacfs, an unreadable keyfile). `keys=False` skips the
     keyfile for commands that never read file contents."""
     store = LocalStore(config.server.storagepath, lock=False)
-    meta = SqliteMeta(os.path.join(store.internal, "meta.sqlite3"), cache=False)
+    meta: Any
+    if config.redis.redisenabled:  # cluster mode: the shared metadata, as every node sees it
+        from .app import connect_redis
+        from .meta.redis import RedisMeta
+
+        meta = RedisMeta(connect_redis(config), config.redis.rediskeyprefix)
+    else:
+        meta = SqliteMeta(os.path.join(store.internal, "meta.sqlite3"), cache=False)
     try:
-        blobs = None
-        if config.deduplication.enabled:
+        blobs, objects, object_blobs = None, None, None
+        if config.storage.backend == "s3":
+            from .app import build_object_store
+            from .storage.objects import ObjectBlobs
+
+            objects = build_object_store(config)
+            object_blobs = ObjectBlobs(objects, meta) if config.deduplication.enabled else None
+        elif config.deduplication.enabled:
             blobs = BlobStore(blob_directory(config, store), meta, store.root)
         keyring = None
         if keys and config.encryption.enabled:
@@ -79,7 +93,14 @@ def open_store(config: Config, keys: bool = True) -> Tools:
     except BaseException:
         meta.close()
         raise
-    return Tools(config, store, meta, blobs, Catalog(store, meta, blobs), keyring)
+    return Tools(config, store, meta, blobs,
+                 Catalog(store, meta, blobs, objects=objects, object_blobs=object_blobs), keyring, objects)
+
+
+def local_only(tools: Tools, verb: str) -> None:
+    """Verbs that read the files on this machine's disk have nothing to work on in a bucket."""
+    if tools.objects is not None:
+        raise UsageError(f"{verb} works on local storage; with backend = \"s3\" the files are in the bucket")
 
 
 def blob_directory(config: Config, store: LocalStore) -> str:
@@ -177,7 +198,7 @@ def usage(tools: Tools) -> dict:
     uploaders = [{"uploader": u.uploader, "files": u.files, "bytes": u.bytes} for u in meta.all_usage()]
     files, logical = meta.total_files(), meta.total_bytes()
     blobs, blob_bytes, referenced = meta.blob_stats()
-    physical, inodes = physical_usage(tools)
+    physical, inodes = physical_usage(tools) if tools.objects is None else bucket_usage(tools.objects)
     return {
         "uploaders": uploaders,
         "unattributed": {"files": files - sum(u["files"] for u in uploaders),
@@ -185,6 +206,18 @@ def usage(tools: Tools) -> dict:
         "total": {"files": files, "logical_bytes": logical, "physical_bytes": physical, "inodes": inodes,
                   "blobs": blobs, "blob_bytes": blob_bytes, "dedup_saved_bytes": max(0, referenced - blob_bytes)},
     }
+
+
+def bucket_usage(objects: Any) -> tuple[int, int]:
+    """(bytes, objects) of the files, versions and blobs in the bucket (one listing)."""
+    from .storage.objects import BLOB_PREFIX, OBJECT_PREFIX
+
+    total = count = 0
+    for info in objects.client.list_objects(objects.prefix):
+        if info.key[len(objects.prefix):].startswith((OBJECT_PREFIX, BLOB_PREFIX)):
+            total += info.size
+            count += 1
+    return total, count
 
 
 def physical_usage(tools: Tools) -> tuple[int, int]:

@@ -371,8 +371,13 @@ class Service:
             signal.signal(signal.SIGHUP, self.request_reload)
         for t in threads:
             t.start()
+        cfg = self.config
+        storage = (f"bucket {cfg.storage.s3bucket} at {cfg.storage.s3endpoint}" if self.app.objects is not None
+                   else self.app.store.root)
+        if self.app.redis is not None:
+            storage += f", shared state in Redis {cfg.redis.redisaddr.rpartition('@')[2]}"  # never a URL's password
         log.info("hmacfs serving %s%s (storage %s, %d upload workers)%s", self.server.bound_address,
-                 self.app.prefix, self.app.store.root, self.app.gate.workers,
+                 self.app.prefix, storage, self.app.gate.workers,
                  f"; metrics on {self.metrics_server.bound_address}" if self.metrics_server else "")
         systemd.notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving {self.server.bound_address}")
         while not self._stop.wait(0.2):
