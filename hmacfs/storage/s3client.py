@@ -33,7 +33,8 @@ CHUNK = 1 << 20
 MAX_COPY = 5 << 30  # the largest single CopyObject S3 accepts; above it, UploadPartCopy
 COPY_PART = 512 << 20
 _POOL_SIZE = 8
-_CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken", "AccessDenied"}
+_CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken", "AccessDenied",
+                     "Forbidden"}  # Forbidden: a 403 without a body (HEAD), most often the credentials
 _HEX64 = re.compile(r"\b[0-9a-f]{64}\b")
 Body = Union[bytes, bytearray, memoryview, IO[bytes]]
 
@@ -206,9 +207,10 @@ class S3Client:
         streamed = body is not None and not isinstance(body, (bytes, bytearray, memoryview))
         if streamed:
             payload_hash, size = sigv4.UNSIGNED_PAYLOAD, length
-        else:
-            data = bytes(body) if isinstance(body, memoryview) else body
-            payload_hash, size = hashlib.sha256(data or b"").hexdigest(), len(data or b"")
+        else:  # bytes-like bodies go out as they are: a 5 MiB part is never copied
+            data = body
+            payload_hash = hashlib.sha256(b"" if data is None else data).hexdigest()
+            size = 0 if data is None else memoryview(data).nbytes
         target, all_headers = self.prepare(method, key, query, headers, payload_hash)
         if body is not None or method in ("PUT", "POST"):  # not signed, as botocore does not
             all_headers["Content-Length"] = str(size)
@@ -238,6 +240,9 @@ class S3Client:
             conn.close()
             parsed = s3xml.parse_error(raw) if raw else None
             code, message = parsed or (_status_code(response.status, key), response.reason)
+            region = response.getheader("x-amz-bucket-region")
+            if region and region != self.settings.region:
+                message += f" (the bucket is in region {region}, not {self.settings.region})"
             raise self._error(response.status, code, message, operation, key)
         if stream:
             return S3Object(self, conn, response)

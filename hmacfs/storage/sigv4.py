@@ -151,8 +151,9 @@ def sign_headers(
 ) -> dict[str, str]:
     """Sign a request in the Authorization header; returns the headers to add (`Host` is signed
     but left to the caller to send): `X-Amz-Date`, `X-Amz-Content-SHA256` (S3 requires it),
-    `X-Amz-Security-Token` when there is a session token, and `Authorization`.
-    `payload_hash` is the body's hex SHA-256 or `UNSIGNED-PAYLOAD`."""
+    `X-Amz-Security-Token` when there is a session token, and `Authorization`. `path` is the
+    path as sent (see `canonical_uri`), `query` the decoded parameters, `payload_hash` the
+    body's hex SHA-256 or `UNSIGNED-PAYLOAD`; every header given is signed."""
     stamp = amz_date(now or _utcnow())
     added = {"X-Amz-Date": stamp}
     if content_sha256_header:

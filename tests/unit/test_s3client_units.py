@@ -236,6 +236,9 @@ class Response:
     def getheaders(self):
         return list(self._headers.items())
 
+    def getheader(self, name, default=None):
+        return self._headers.get(name.lower(), default)
+
 
 class Connection:
     """Plays `script` (Response objects, or exceptions to raise on send) and records requests."""
@@ -319,6 +322,12 @@ def test_head_errors_have_codes_from_the_status():
     with pytest.raises(S3Error) as caught:
         client.head_object("k")
     assert caught.value.code == "Forbidden"
+
+
+def test_a_bucket_in_another_region_says_which():
+    client, _ = scripted([Response(301, headers={"x-amz-bucket-region": "eu-west-1"}, reason="Moved Permanently")])
+    with pytest.raises(S3Error, match="the bucket is in region eu-west-1, not us-east-1"):
+        client.check_bucket()
 
 
 def test_complete_with_200_and_an_error_body_raises():

@@ -293,6 +293,9 @@ class FakeResponse:
     def getheaders(self):
         return list(self._headers.items())
 
+    def getheader(self, name, default=None):
+        return self._headers.get(name.lower(), default)
+
 
 class FakeConnection:
     """Answers from `script` (None: capture the request and raise Captured)."""
