@@ -33,12 +33,14 @@ class RedisServer:
     """One redis-server process; `url` for clients, `start()`/`stop()`/`restart()`/`kill()`."""
 
     def __init__(self, directory: Optional[Path] = None, password: Optional[str] = None,
-                 appendonly: bool = False, program: str = "redis-server") -> None:
+                 appendonly: bool = False, program: str = "redis-server", extra: tuple[str, ...] = ()) -> None:
         self.program = shutil.which(program) or program
         self._own_dir = directory is None
         self.dir = Path(directory or tempfile.mkdtemp(prefix="hmacfs-redis-"))
+        self.dir.mkdir(parents=True, exist_ok=True)
         self.password = password
         self.appendonly = appendonly
+        self.extra = list(extra)  # more server options, e.g. ("--appendfsync", "always")
         self.port = _free_port()
         self.proc: Optional[subprocess.Popen] = None
 
@@ -53,6 +55,7 @@ class RedisServer:
                 "--logfile", str(self.dir / "redis.log"), "--daemonize", "no"]
         if self.password:
             args += ["--requirepass", self.password]
+        args += self.extra
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + START_WAIT
@@ -94,6 +97,7 @@ class RedisServer:
         if self.proc is None:
             return
         if self.proc.poll() is None:
+            self.resume()  # a paused server cannot handle its SIGTERM
             try:
                 os.killpg(self.proc.pid, sig)
             except ProcessLookupError:
@@ -108,6 +112,15 @@ class RedisServer:
     def stop(self) -> None:
         """SIGTERM and wait: a clean shutdown (it does not save: no `--save`)."""
         self._signal(signal.SIGTERM)
+
+    def pause(self) -> None:
+        """SIGSTOP: a hung server (connections open, nothing answered) until `resume()`."""
+        if self.proc is not None:
+            os.killpg(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.proc is not None:
+            os.killpg(self.proc.pid, signal.SIGCONT)
 
     def kill(self) -> None:
         """SIGKILL: what a crashed server looks like to its clients."""
