@@ -31,6 +31,7 @@ from .resumable import ResumableUploads, Writers
 from .services.clamav import Scanner, parse_address, startup_check
 from .services.hotcache import HotFiles
 from .services.janitor import Janitor
+from .services.lastseen import LastSeen
 from .services.metrics import ServerMetrics
 from .services.precache import precache
 from .services.readiness import Readiness
@@ -73,6 +74,7 @@ class App:
             log.warning("deduplication directory %s is on another filesystem than the store: paths are "
                         "recorded as references to their blob (no hard links)", self.blobs.directory)
         self.hot = HotFiles()
+        self.last_seen = LastSeen() if self.redis is not None else None
         locks = PathLocks()  # commits and removals of one path take turns
         object_blobs = None
         if self.objects is not None and dedup.enabled:
@@ -81,12 +83,16 @@ class App:
             object_blobs = ObjectBlobs(self.objects, self.meta)
         self.catalog = Catalog(self.store, self.meta, self.blobs, on_remove=self.hot.discard, locks=locks,
                                objects=self.objects, object_blobs=object_blobs)
+        if self.last_seen is not None:
+            self.catalog.on_remove.append(self.last_seen.forget)
         versioning = config.versioning
         keep_versions = versioning.maxversions if versioning.enableversioning else None
         self.pipeline: Union[UploadPipeline, ObjectPipeline]
         if self.objects is not None:
             self.pipeline = ObjectPipeline(self.objects, self.meta, keep_versions, self.keyring, locks=locks,
                                            blobs=object_blobs)
+        if self.last_seen is not None:
+            self.pipeline.on_commit.append(self.last_seen.remember)
         else:
             self.pipeline = UploadPipeline(self.store, self.meta, self.blobs, keep_versions, self.keyring, locks=locks)
         q = config.quotas

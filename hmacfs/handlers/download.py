@@ -62,7 +62,8 @@ def handle_get(app: App, ex: Exchange, signed_path: str) -> None:
     if app.config.downloads.requiresignature:
         with auth_failures_counted(app):
             auth.authorize_download(app.secrets, request_facts(app, ex, signed_path, None), time.time())
-    record = app.meta.get(signed_path)
+    # In cluster mode a row seen before serves while Redis is away (services/lastseen.py).
+    record = app.meta.get(signed_path) if app.last_seen is None else app.last_seen.read(signed_path, app.meta.get)
     expire_if_due(app, signed_path, record)
     query = ex.req.query
     if "thumbnail" in query:
