@@ -225,6 +225,9 @@ class S3Client:
                 else:
                     conn.request(method, target, body=data, headers=all_headers)
                 response = conn.getresponse()
+            except _ShortBody as exc:  # our side's fault: the server is still waiting, do not ask it
+                conn.close()
+                raise self._error(0, "IncompleteBody", str(exc), operation, key) from None
             except (OSError, http.client.HTTPException) as exc:
                 # S3 may refuse an upload (bad signature, no such bucket) and close before taking
                 # the whole body: its answer, if it arrived, says more than the broken pipe.
@@ -273,7 +276,7 @@ class S3Client:
                 n = len(chunk)
                 view[:n] = chunk
             if not n:
-                raise OSError(f"body ended {left} bytes before its declared length")
+                raise _ShortBody(f"the body ended {left} bytes before its declared length {length}")
             conn.send(view[:n])
             left -= n
 
@@ -426,6 +429,10 @@ class S3Client:
             if exc.status in (400, 403):
                 self._request("GET", None, "ListObjectsV2", query=[("list-type", "2"), ("max-keys", "1")])
             raise
+
+
+class _ShortBody(Exception):
+    """A streamed body gave fewer bytes than announced."""
 
 
 def _early_answer(conn: http.client.HTTPConnection) -> Optional[http.client.HTTPResponse]:

@@ -162,8 +162,9 @@ def test_streamed_put_from_a_file_object(s3, tmp_path):
     assert s3.head_object("streamed.bin").content_type == "application/x-test"
     with s3.get_object("streamed.bin") as obj:
         assert read_all(obj) == data
-    with pytest.raises(S3Error):  # a body shorter than announced never becomes an object
+    with pytest.raises(S3Error) as caught:  # a body shorter than announced never becomes an object
         s3.put_object("short.bin", io.BytesIO(b"abc"), 10)
+    assert caught.value.code == "IncompleteBody"
     assert s3.head_object("short.bin") is None
 
 
