@@ -11,6 +11,8 @@ import threading
 import time
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from hmacfs.storage import s3xml
 from hmacfs.storage.s3client import S3Client, S3Error, S3Settings, choose_addressing, resolve_credentials
@@ -475,3 +477,26 @@ def test_part_failure_surfaces_and_abort_cleans_up():
     writer.abort()
     writer.abort()  # safe twice
     assert client.aborted == ["upload-1"] and not client.completed
+
+
+@settings(max_examples=20, deadline=None)
+@example([5 * MIB], 1)
+@example([4 * MIB, MIB, 4 * MIB, MIB], 2)
+@example([], 1)
+@given(st.lists(st.integers(min_value=0, max_value=4 * MIB), max_size=6), st.integers(min_value=1, max_value=3))
+def test_writer_reassembles_any_write_pattern(sizes, concurrency):
+    data = (bytes(range(251)) * (sum(sizes) // 251 + 1))[: sum(sizes)]
+    client = FakeClient()
+    writer = MultipartWriter(client, "k", 5 * MIB, concurrency)
+    offset = 0
+    for size in sizes:
+        writer.write(data[offset:offset + size])
+        offset += size
+    writer.finish()
+    if len(data) < 5 * MIB:
+        assert client.puts == [data] and not client.parts
+    else:
+        assert not client.puts
+        assert b"".join(client.parts[n] for n in sorted(client.parts)) == data
+        assert all(len(client.parts[n]) == 5 * MIB for n in sorted(client.parts)[:-1])
+        assert [n for n, _ in client.completed[0]] == sorted(client.parts)
