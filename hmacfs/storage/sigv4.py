@@ -15,6 +15,7 @@ path and encodes the wire path once more ("double encoding"), which is what the 
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
 import hmac
 import posixpath
@@ -114,8 +115,14 @@ def string_to_sign(timestamp: str, scope: str, canonical: str) -> str:
 
 def signing_key(secret_key: str, date: str, region: str, service: str) -> bytes:
     """HMAC chain `AWS4`+secret -> date -> region -> service -> `aws4_request`: the secret itself
-    never signs a request, and the derived key is only good for that day/region/service."""
-    key = hmac.new(("AWS4" + secret_key).encode("utf-8"), date[:8].encode("utf-8"), hashlib.sha256).digest()
+    never signs a request, and the derived key is only good for that day/region/service (so it
+    is derived once a day, not four HMACs per request)."""
+    return _signing_key(secret_key, date[:8], region, service)
+
+
+@functools.lru_cache(maxsize=16)
+def _signing_key(secret_key: str, date: str, region: str, service: str) -> bytes:
+    key = hmac.new(("AWS4" + secret_key).encode("utf-8"), date.encode("utf-8"), hashlib.sha256).digest()
     for part in (region, service, "aws4_request"):
         key = hmac.new(key, part.encode("utf-8"), hashlib.sha256).digest()
     return key
