@@ -17,7 +17,10 @@ spans Python code (blob files, S3 calls) between its writes, which WATCH cannot 
   them go on rollback). The file on disk or in the bucket stays the truth about existence.
 - No row cache (SqliteMeta has one): another node may change any row at any time.
 - Redis unreachable, timing out, loading or read-only: HTTPError 503 with Retry-After. A
-  write that fails has changed nothing (a script runs whole or not at all).
+  write that fails has changed nothing, or everything when only its reply was lost to a
+  timeout: a script runs whole or not at all. The client is the caller's; give it
+  `socket_timeout` and `socket_connect_timeout` (a hung Redis must cost a request seconds,
+  not forever) and `health_check_interval`; redis-py reconnects by itself when Redis returns.
 - Keys (all under `prefix`, so one Redis serves several deployments): `file` hash path->JSON;
   `paths` lex ZSET; `exp` ZSET by expiry; `up:<uploader>` lex ZSETs; `img` and
   `img:<image>` lex ZSETs of packed files; `vh:<path>` hash version->JSON; `vloc` hash

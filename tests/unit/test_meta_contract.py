@@ -577,8 +577,9 @@ def test_a_long_transaction_keeps_its_lock(redis_server, monkeypatch) -> None:
 
 
 def test_keys_stay_under_the_prefix(redis_server) -> None:
-    one, two = redis_meta(redis_server, "dep1:"), redis_meta(redis_server, "dep2:")
-    one.client.flushdb()
+    tag = uuid.uuid4().hex[:8]
+    one, two = redis_meta(redis_server, f"dep1{tag}:"), redis_meta(redis_server, f"dep2{tag}:")
+    before = set(one.client.keys("*"))
     one.put(rec("a", 1, uploader="u", expires=1.0, image="/i", blob="h"))
     one.add_version(VersionRecord("a", 1, 1, "t/p", "s", 1.0, uploader="u", location="l"))
     one.blob_acquire("h", 1)
@@ -588,7 +589,8 @@ def test_keys_stay_under_the_prefix(redis_server) -> None:
     with pytest.raises(ZeroDivisionError), one.transaction():
         one.put(rec("b"))
         1 / 0  # noqa: B018
-    assert all(k.startswith(b"dep1:") for k in one.client.keys("*"))
+    made = set(one.client.keys("*")) - before
+    assert made and all(k.startswith(f"dep1{tag}:".encode()) for k in made)
     assert two.get("a") is None and two.total_files() == 0 and one.total_files() == 2  # the file and its version
 
 
