@@ -154,7 +154,9 @@ def test_upload_cut_mid_body_leaves_no_object_no_row_no_multipart(plain: Cluster
     target = signed_put(plain.a.prefix, plain.a.secret, path, size)
     conn.send(request_head("PUT", target, {"Content-Length": str(size), "Content-Type": "application/octet-stream"}))
     conn.send(data[:6 * MB])
-    time.sleep(0.5)  # the bytes reach the node (and its first part the bucket) before the close
+    # the first 5 MB part is on its way to the bucket: a multipart upload exists, to be aborted
+    wait_until(lambda: len(plain.multipart_uploads()) == 1, "the cut upload's multipart upload to begin")
+    time.sleep(0.2)
     conn.close()
 
     wait_until(lambda: path.split("/")[0] in plain.a.log(), "the node to log the end of the cut request",
