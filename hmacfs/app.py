@@ -13,7 +13,7 @@ from typing import Any, Optional, Union
 
 from .catalog import Catalog
 from .config import Config
-from .errors import StartupError
+from .errors import HTTPError, StartupError
 from .handlers.delete import handle_delete
 from .handlers.download import handle_get
 from .handlers.partial import RESOURCE_DIR
@@ -62,6 +62,10 @@ class App:
             from .meta.redis import RedisMeta
 
             self.meta = RedisMeta(self.redis, config.redis.rediskeyprefix)
+            try:
+                self.meta.check_schema()
+            except HTTPError:  # Redis not there yet: requests get 503 until it is
+                log.warning("redis: not reachable at start; requests that need shared state get 503 until it is")
         else:
             self.meta = SqliteMeta(os.path.join(self.store.internal, "meta.sqlite3"))
         self.keyring = load_keyring(config) if config.encryption.enabled else None

@@ -48,7 +48,7 @@ from typing import Any, Callable, Iterator, Optional
 from ..errors import HTTPError, StartupError
 from .record import BanRecord, FileRecord, PartialRecord, Usage, VersionRecord
 from .redis_scripts import READ, WRITE
-from .sqlite import run_undo
+from .sqlite import SCHEMA_VERSION, run_undo
 
 try:
     import redis
@@ -123,6 +123,17 @@ class RedisMeta:
 
     def _key(self, name: str) -> str:
         return self.prefix + name
+
+    def check_schema(self) -> None:
+        """Record the row format these nodes write (SCHEMA_VERSION), or refuse one a newer
+        hmacfs wrote: its rows may hold fields this version cannot read (a StartupError,
+        not a TypeError on the first download)."""
+        found = self.client.get(self._key("schema"))
+        if found is not None and int(_text(found)) > SCHEMA_VERSION:
+            raise StartupError(f"the Redis metadata under {self.prefix!r} was written by a newer hmacfs "
+                               f"(schema {_text(found)}; this version reads up to {SCHEMA_VERSION}): upgrade hmacfs")
+        if found is None or int(_text(found)) < SCHEMA_VERSION:
+            self.client.set(self._key("schema"), SCHEMA_VERSION)
 
     def close(self) -> None:
         """Stop the lock renewer; the client belongs to whoever made it."""

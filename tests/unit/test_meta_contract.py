@@ -23,8 +23,9 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from hmacfs.errors import HTTPError
+from hmacfs.errors import HTTPError, StartupError
 from hmacfs.meta import redis as meta_redis
+from hmacfs.meta import sqlite as meta_sqlite
 from hmacfs.meta.record import BanRecord, FileRecord, PartialRecord, Usage, VersionRecord
 from hmacfs.meta.redis import RedisMeta
 from hmacfs.meta.sqlite import SqliteMeta
@@ -603,3 +604,15 @@ def test_the_module_imports_without_redis_py() -> None:
                          cwd=Path(__file__).resolve().parents[2])
     assert out.returncode == 0, out.stderr
     assert "refused: [redis] needs the Python package redis" in out.stdout
+
+
+def test_redis_schema_is_recorded_and_a_newer_one_is_refused(redis_server) -> None:
+    meta = redis_meta(redis_server)
+    meta.check_schema()
+    assert int(meta.client.get(meta.prefix + "schema")) == meta_sqlite.SCHEMA_VERSION
+    meta.client.set(meta.prefix + "schema", meta_sqlite.SCHEMA_VERSION + 1)
+    with pytest.raises(StartupError, match="written by a newer hmacfs"):
+        redis_meta(redis_server, meta.prefix).check_schema()
+    meta.client.set(meta.prefix + "schema", 1)  # an older deployment's rows: upgraded in place
+    meta.check_schema()
+    assert int(meta.client.get(meta.prefix + "schema")) == meta_sqlite.SCHEMA_VERSION
