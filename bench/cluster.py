@@ -2,8 +2,8 @@
 """hmacfs beyond one machine: the S3 backend against a reference S3 client, and two nodes
 behind nginx against one, in one run.
 
-    .venv/bin/python bench/cluster.py            # full: 1 GiB, 3 rounds, ~5 min on 2 cores
-    .venv/bin/python bench/cluster.py --quick    # 24 MiB, 1 round, ~30 s (tests/test_bench_cluster_smoke.py)
+    .venv/bin/python bench/cluster.py            # full: 1 GiB, 3 rounds, ~4-6 min on 2 cores
+    .venv/bin/python bench/cluster.py --quick    # 24 MiB, 1 round, ~15-20 s (tests/test_bench_cluster_smoke.py)
 
 Why: the cluster issue (12) asks for two numbers. (1) hmacfs in front of an S3-compatible
 store should add little to moving the bytes: a 1 GiB upload and download through hmacfs
@@ -626,7 +626,7 @@ def parse_size(text: str) -> int:
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description="hmacfs: S3 backend vs boto3, two nodes vs one (see bench/README.md)")
-    ap.add_argument("--quick", action="store_true", help="24 MiB, 1 round, 1 s wrk runs, ~30 s")
+    ap.add_argument("--quick", action="store_true", help="24 MiB, 1 round, 1 s wrk runs, ~15-20 s")
     ap.add_argument("--rounds", type=int, help="override the number of rounds")
     ap.add_argument("--size", type=parse_size, help="bytes of the S3 transfers (default 1GiB; quick 24MiB)")
     ap.add_argument("--duration", type=float, help="seconds per wrk run (default 4; quick 1)")
