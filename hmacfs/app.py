@@ -95,10 +95,10 @@ class App:
         if self.objects is not None:
             self.pipeline = ObjectPipeline(self.objects, self.meta, keep_versions, self.keyring, locks=locks,
                                            blobs=object_blobs)
-        if self.last_seen is not None:
-            self.pipeline.on_commit.append(self.last_seen.remember)
         else:
             self.pipeline = UploadPipeline(self.store, self.meta, self.blobs, keep_versions, self.keyring, locks=locks)
+        if self.last_seen is not None:
+            self.pipeline.on_commit.append(self.last_seen.remember)
         q = config.quotas
         self.quotas = QuotaLimits(q.peruser, q.perday, q.total, q.identity) if q.enabled else None
         self.file_ttl = config.server.filettl if config.server.filettlenabled else None

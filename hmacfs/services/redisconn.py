@@ -79,7 +79,7 @@ def connect(addr: str, db: int, password: str = "") -> Any:
     if password and "password" not in kwargs:
         kwargs["password"] = password
     return redis.Redis(socket_timeout=SOCKET_TIMEOUT, socket_connect_timeout=CONNECT_TIMEOUT,
-                       health_check_interval=30, retry_on_timeout=False, **kwargs)
+                       health_check_interval=30, **kwargs)
 
 
 class RedisHealth:
