@@ -275,8 +275,8 @@ def build_object_store(config: Config):
         client.check_bucket()
     except (S3Error, OSError) as e:
         raise StartupError(f"[storage] S3 bucket {st.s3bucket!r} at {st.s3endpoint}: {e}") from None
-    prefix = st.s3prefix.strip("/") + "/" if st.s3prefix.strip("/") else ""
-    return ObjectStore(client, prefix, config.uploads.chunksize, st.s3partconcurrency)
+    # Used as given ("hmacfs/" for a folder, "hmacfs-" for a name stem); a leading "/" is not part of a key.
+    return ObjectStore(client, st.s3prefix.lstrip("/"), config.uploads.chunksize, st.s3partconcurrency)
 
 
 def build_thumbnailer(app: App):

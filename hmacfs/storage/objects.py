@@ -45,6 +45,7 @@ class ObjectStore:
         self.prefix = prefix
         self.part_size = part_size
         self.concurrency = concurrency
+        self._uploads_seen: dict[str, float] = {}  # multipart upload id -> when a sweep first listed it
 
     def new_key(self) -> str:
         return f"{self.prefix}{OBJECT_PREFIX}{secrets.token_hex(16)}"
@@ -102,7 +103,7 @@ class ObjectStore:
         return ObjectRange(self, key, info.size)
 
     def sweep(self, known: Callable[[str], bool], older_than: float, now: Optional[float] = None) -> int:
-        """Delete upload and blob objects that no row names (`known` says), and unfinished
+        """Delete upload and blob objects that no row names (`known` says) and unfinished
         multipart uploads, all older than `older_than` seconds (an upload in flight is
         younger); returns how many. Partial-upload chunks are the resumable engine's."""
         now = time.time() if now is None else now
@@ -113,8 +114,14 @@ class ObjectStore:
                     and not known(info.key)):
                 self.delete(info.key)
                 removed += 1
-        for key, upload_id, initiated in self.client.list_multipart_uploads(self.prefix):
-            if now - initiated >= older_than:
+        # An unfinished multipart upload is judged by when a sweep first saw it, not by its
+        # `Initiated` time: that is the server's clock (some S3-compatible servers report a
+        # fixed date), and aborting an upload in flight would fail it.
+        listed = self.client.list_multipart_uploads(self.prefix)
+        seen = {upload_id: self._uploads_seen.get(upload_id, now) for _key, upload_id, _at in listed}
+        self._uploads_seen = seen
+        for key, upload_id, _initiated in listed:
+            if now - seen[upload_id] >= older_than:
                 try:
                     self.client.abort_multipart(key, upload_id)
                     removed += 1
