@@ -21,6 +21,7 @@ import pytest
 from tests.conftest import need_program
 from tests.support.client import Response, put, request, signed_put, url_path, wait_for_gauge
 from tests.support.hmacfs_proc import HmacfsProcess
+from tests.support.redisserver import RedisServer
 from tests.unit.test_metrics import check_exposition
 
 REPO = Path(__file__).resolve().parents[2]
@@ -212,17 +213,39 @@ def dashboard_exprs(doc: dict) -> list[str]:
     return exprs
 
 
-def test_grafana_dashboard_names_only_exported_metrics(busy: HmacfsProcess) -> None:
+@pytest.fixture(scope="module")
+def clustered(tmp_path_factory: pytest.TempPathFactory):
+    """A node in cluster mode (shared state in a real redis-server): its Redis gauges."""
+    with RedisServer(tmp_path_factory.mktemp("redis")) as redis_server:
+        srv = HmacfsProcess(tmp_path_factory.mktemp("clustered"), {
+            "redis": {"redisenabled": True, "redisaddr": f"127.0.0.1:{redis_server.port}",
+                      "redishealthcheckinterval": "1s"}}).start()
+        try:
+            yield srv
+        finally:
+            srv.close()
+
+
+def test_a_cluster_node_exports_redis_up_and_promtool_accepts_its_scrape(clustered: HmacfsProcess) -> None:
+    assert put(clustered, f"{uuid.uuid4()}/a.txt", b"shared").status == 201
+    wait_for_gauge(clustered, "hmacfs_redis_up", at_least=1)
+    text = scrape(clustered)
+    done = promtool_check(text)
+    assert done.returncode == 0, done.stdout + done.stderr
+    check_exposition(text)
+
+
+def test_grafana_dashboard_names_only_exported_metrics(busy: HmacfsProcess, clustered: HmacfsProcess) -> None:
     doc = json.loads(DASHBOARD.read_text())
     assert doc["title"] and doc["panels"]
     exprs = dashboard_exprs(doc)
     assert len(exprs) >= 10
-    exported = exported_names(scrape(busy))
+    exported = exported_names(scrape(busy)) | exported_names(scrape(clustered))
     used = set().union(*(metric_names_in(e) for e in exprs))
     assert used, exprs
     assert sorted(used - exported) == []
     assert {"hmacfs_http_requests_total", "hmacfs_upload_duration_seconds_bucket", "hmacfs_free_bytes",
-            "hmacfs_upload_workers", "hmacfs_resumable_uploads_in_progress"} <= used
+            "hmacfs_upload_workers", "hmacfs_resumable_uploads_in_progress", "hmacfs_redis_up"} <= used
 
 
 def test_metric_names_in_parses_promql() -> None:
