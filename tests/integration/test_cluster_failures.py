@@ -195,6 +195,32 @@ def test_sigterm_drains_a_node_while_nginx_sends_new_requests_to_the_other(make_
     assert got.status == 200 and sha(got.body) == sha(data)
 
 
+def test_sigterm_does_not_cut_a_request_that_has_begun_to_arrive(make_cluster) -> None:
+    """The drain "closes idle keep-alive connections" (hmacfs/http/server.py): a new connection
+    whose first request line is arriving is neither, and is served (a POST, which nginx would
+    not retry elsewhere). The request line is sent in two writes around the SIGTERM, so the
+    moment is not left to chance."""
+    c = make_cluster({"timeouts": {"shutdown": "10s"}}, nginx=False)
+    node = c.a
+    path = slot("late.bin")
+    head = request_head("POST", signed_put(node.prefix, node.secret, path, 10),
+                        {**TUS, "Upload-Length": "10", "Content-Length": "0"})
+    conn = RawConnection(node.port)
+    conn.send(head[:12])  # "POST /upload" of the request line
+    time.sleep(0.2)
+    node.proc.send_signal(signal.SIGTERM)
+    wait_until(lambda: "shutting down" in node.log(), "the node to begin draining", timeout=5)
+    try:
+        conn.send(head[12:])
+        _, response = conn.read_final("POST")
+    except OSError as e:
+        raise AssertionError(f"the draining node cut a connection whose request had begun: {e!r}") from None
+    finally:
+        conn.close()
+    assert response.status == 201, response
+    assert node.proc.wait(15) == 0
+
+
 # -- 14. Redis restarted mid-run -------------------------------------------------------------------------
 
 def ready(srv: HmacfsProcess) -> tuple[int, dict]:
