@@ -64,8 +64,9 @@ class App:
             self.meta = RedisMeta(self.redis, config.redis.rediskeyprefix)
             try:
                 self.meta.check_schema()
-            except HTTPError:  # Redis not there yet: requests get 503 until it is
-                log.warning("redis: not reachable at start; requests that need shared state get 503 until it is")
+            except HTTPError as e:  # Redis not there yet: requests get 503 until it is
+                log.warning("redis: not reachable at start (%s); requests that need shared state get 503 until "
+                            "it is", e.__cause__ or e)
         else:
             self.meta = SqliteMeta(os.path.join(self.store.internal, "meta.sqlite3"))
         self.keyring = load_keyring(config) if config.encryption.enabled else None
@@ -249,7 +250,7 @@ def connect_redis(config: Config):
     from .services.redisconn import connect
 
     r = config.redis
-    return connect(r.redisaddr, r.redisdbindex, r.redispassword)
+    return connect(r.redisaddr, r.redisdbindex, r.redispassword, r.rediscafile)
 
 
 def build_object_store(config: Config):

@@ -180,6 +180,7 @@ SCHEMA: tuple[Key, ...] = (
     _k("redis", "redisdbindex", "int", 0),
     _k("redis", "redishealthcheckinterval", "duration", "30s"),
     _k("redis", "rediskeyprefix", "str", "hmacfs:", help="every key under it: several deployments share one Redis"),
+    _k("redis", "rediscafile", "str", "", help="CA bundle for a rediss:// server (default: the system's)"),
     # [storage]
     _k("storage", "backend", "str", "local"),
     _k("storage", "s3endpoint", "str", ""),
@@ -597,6 +598,8 @@ def _validate_cluster(config: Config) -> None:
             parse_redis_address(config.redis.redisaddr, config.redis.redisdbindex)
         except ValueError as e:
             raise ConfigError(f"[redis] redisaddr = {config.redis.redisaddr!r}: {e}") from None
+        if config.redis.rediscafile and not config.redis.redisaddr.startswith("rediss://"):
+            raise ConfigError("[redis] rediscafile: only for a TLS server (redisaddr = \"rediss://host:port\")")
         if config.redis.redishealthcheckinterval <= 0:
             raise ConfigError("[redis] redishealthcheckinterval: more than 0 (e.g. \"30s\")")
 

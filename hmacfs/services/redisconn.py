@@ -67,7 +67,7 @@ def parse_redis_address(addr: str, db: int = 0) -> dict[str, Any]:
     return {"host": host, "port": int(port_text), "db": db}
 
 
-def connect(addr: str, db: int, password: str = "") -> Any:
+def connect(addr: str, db: int, password: str = "", ca_file: str = "") -> Any:
     """A redis.Redis client for the configured server (not yet connected: redis-py connects
     on first use, and again after every failure)."""
     try:
@@ -78,6 +78,8 @@ def connect(addr: str, db: int, password: str = "") -> Any:
     kwargs = parse_redis_address(addr, db)
     if password and "password" not in kwargs:
         kwargs["password"] = password
+    if ca_file and kwargs.get("ssl"):
+        kwargs["ssl_ca_certs"] = ca_file  # a private CA; the host name is still checked
     return redis.Redis(socket_timeout=SOCKET_TIMEOUT, socket_connect_timeout=CONNECT_TIMEOUT,
                        health_check_interval=30, **kwargs)
 
@@ -89,7 +91,7 @@ class RedisHealth:
         self.client = client
         self.interval = interval
         self.on_change = on_change
-        self.up = False
+        self.up: Optional[bool] = None  # None: not checked yet
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
@@ -98,12 +100,12 @@ class RedisHealth:
             up = bool(self.client.ping())
         except Exception as e:
             up = False
-            if self.up:
+            if self.up is not False:  # the first failure says why (a refused certificate, a wrong password)
                 log.error("redis: unreachable (%s); requests that need shared state get 503 until it is back", e)
         else:
             if not self.up:
                 log.info("redis: reachable")
-        if up != self.up and self.on_change is not None:
+        if up != bool(self.up) and self.on_change is not None:
             self.on_change(up)
         self.up = up
         return up

@@ -9,6 +9,7 @@ own constants, shortened where they are parameters.
 from __future__ import annotations
 
 import socket
+import subprocess
 import threading
 import time
 import uuid
@@ -21,7 +22,9 @@ from hmacfs.meta.redis import RedisMeta
 from hmacfs.policy.shared import SharedBans, SharedFailureCounter, SharedTokenBuckets
 from hmacfs.resumable import UploadBusy
 from hmacfs.services.redisconn import Lease, RedisHealth, connect
+from tests.support.client import put, request
 from tests.support.redisserver import RedisServer
+from tests.support.redisserver import _free_port as free_port
 
 
 @pytest.fixture(scope="module")
@@ -218,3 +221,45 @@ def test_the_upload_lock_gives_503_while_redis_is_away(prefix) -> None:
     with pytest.raises(HTTPError) as caught, writers.hold("u5", None):
         pass
     assert caught.value.status == 503 and caught.value.headers["Retry-After"]
+
+
+# -- TLS -----------------------------------------------------------------------------------------
+
+def make_tls_files(d) -> tuple[str, str, str]:
+    """A private CA and a server certificate for 127.0.0.1 (openssl, as an operator would)."""
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True, timeout=60)
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+        "-subj", "/CN=hmacfs test CA")
+    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "srv.key", "-out", "srv.csr", "-subj", "/CN=127.0.0.1")
+    (d / "ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    run("x509", "-req", "-in", "srv.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", "srv.pem",
+        "-days", "2", "-extfile", "ext")
+    return str(d / "ca.pem"), str(d / "srv.pem"), str(d / "srv.key")
+
+
+def test_a_node_on_a_tls_redis_checks_its_certificate(hmacfs_factory, tmp_path) -> None:
+    ca, cert, key = make_tls_files(tmp_path)
+    tls_port = free_port()
+    srv = RedisServer(tmp_path / "redis", extra=("--tls-port", str(tls_port), "--tls-cert-file", cert,
+                                                 "--tls-key-file", key, "--tls-ca-cert-file", ca,
+                                                 "--tls-auth-clients", "no")).start()
+    try:
+        redis_cfg = {"redisenabled": True, "redisaddr": f"rediss://127.0.0.1:{tls_port}/0",
+                     "redishealthcheckinterval": "1s"}
+        trusted = hmacfs_factory({"redis": {**redis_cfg, "rediscafile": ca}})
+        assert put(trusted, "tls/a.txt", b"over TLS").status == 201
+        assert request(trusted.port, "GET", trusted.prefix + "tls/a.txt").body == b"over TLS"
+        assert srv_keys(srv, "hmacfs:file")  # the row went to this Redis, through TLS
+        untrusted = hmacfs_factory({"redis": redis_cfg})  # the system's CAs do not know ours
+        refused = put(untrusted, "tls/b.txt", b"x")
+        assert refused.status == 503 and refused.headers.get("retry-after")
+        assert "certificate verify failed" in untrusted.log()
+    finally:
+        srv.close()
+
+
+def srv_keys(srv: RedisServer, key: str) -> list:
+    import redis
+
+    return redis.Redis(host="127.0.0.1", port=srv.port).hkeys(key)
