@@ -8,7 +8,8 @@ lock lapses (LOCK_TTL), and it completes byte for byte; SIGTERM drains a node (i
 flight finishes with 201) while nginx sends new requests to the other node without a client
 error; Redis stopped mid-run gives 503 + Retry-After to what needs it, `hmacfs_redis_up` 0,
 `/ready` 503 naming redis, downloads of files this node served before (and only those), and
-everything works again once Redis is back, without restarting hmacfs; a wrong S3 secret and
+everything works again once Redis is back, without restarting hmacfs; a hung Redis (SIGSTOP)
+gives its 503 within about the client's socket timeout; a wrong S3 secret and
 an unknown bucket stop a node at start with a clear message that does not hold the secret.
 
 Each test that kills or restarts something has a cluster of its own (the ones that only kill
@@ -28,6 +29,7 @@ from typing import Iterator, Optional
 import pytest
 
 from hmacfs.clusterwriters import LOCK_TTL
+from hmacfs.services.redisconn import SOCKET_TIMEOUT
 from tests.support.client import Response, gauge_value, put, request, signed_put, url_path, wait_for_gauge
 from tests.support.cluster import Backing, Cluster, wait_until
 from tests.support.hmacfs_proc import HmacfsProcess
@@ -264,6 +266,44 @@ def test_redis_restart_mid_run(tmp_path: Path) -> None:
             assert get(node, seen).body == seen_data
             assert get(node, unseen).body == unseen_data
             assert get(node, after).body == b"after the outage"
+    finally:
+        c.close()
+        own.close()
+
+
+def test_hung_redis_gives_503_within_the_socket_timeout(tmp_path: Path) -> None:
+    """Redis hung (SIGSTOP: connections open, nothing answered), as a stuck or swapping server
+    looks: a request that needs it must get its 503 + Retry-After within about the client's
+    socket timeout (SOCKET_TIMEOUT, hmacfs/services/redisconn.py), and `hmacfs_redis_up` must
+    drop, not after redis-py's own retries of every command."""
+    own = Backing(tmp_path / "backing").start()
+    c = Cluster(tmp_path / "cluster", own, {"redis": {"redishealthcheckinterval": "1s"}}, name="hung", n=1,
+                nginx=False)
+    try:
+        c.start()
+        a = c.a
+        seen = slot("seen.bin")
+        assert put(a, seen, b"seen before the hang").status == 201
+        assert get(a, seen).body == b"seen before the hang"
+        own.redis.pause()
+        try:
+            bound = SOCKET_TIMEOUT + 3
+            started = time.monotonic()
+            try:
+                refused = request(a.port, "PUT", signed_put(a.prefix, a.secret, slot("during.bin"), 1), b"x",
+                                  timeout=bound)
+            except OSError as e:
+                raise AssertionError(f"no answer within {bound} s with Redis hung ({e!r})") from None
+            assert refused.status == 503 and refused.header("Retry-After"), refused
+            assert time.monotonic() - started < bound
+            deadline = time.monotonic() + 1 + SOCKET_TIMEOUT + 3
+            while gauge_value(a, "hmacfs_redis_up") != 0:
+                assert time.monotonic() < deadline, "hmacfs_redis_up still 1 with Redis hung"
+                time.sleep(0.1)
+        finally:
+            own.redis.resume()
+        wait_for_gauge(a, "hmacfs_redis_up", at_least=1)
+        assert put(a, slot("after.bin"), b"after").status == 201
     finally:
         c.close()
         own.close()
