@@ -42,6 +42,7 @@ TOO_MANY_FROM_PEER = HTTPError(503, "too many connections from your address", {"
 
 
 METRICS_CONNECTIONS = 64
+DRAIN_IDLE_GRACE = 1.0  # seconds idle keep-alive connections may still bring a request when a drain begins
 
 
 class ConnState:
@@ -243,6 +244,24 @@ class HmacfsServer(ThreadingHTTPServer):
             self.conns.unregister(self.conns.claim(request))
             raise
 
+    def accept_pending(self) -> int:
+        """Serve the connections waiting in the listen backlog (each gets one request and
+        `Connection: close`, as the server is draining); returns how many."""
+        taken = 0
+        try:
+            self.socket.setblocking(False)
+            while True:
+                try:
+                    request, address = self.socket.accept()
+                except (BlockingIOError, InterruptedError):
+                    break
+                request.setblocking(True)
+                self.process_request(request, address)
+                taken += 1
+        except OSError:  # the listener is gone already (a failed relisten): nothing waits on it
+            pass
+        return taken
+
     def handle_error(self, request, client_address) -> None:  # type: ignore[override]
         log.debug("connection error from %s", client_address, exc_info=True)
 
@@ -413,7 +432,15 @@ class Service:
         self.app.gate.close()
         for s in servers:
             s.shutdown()
+            s.accept_pending()  # connections the kernel completed: closing the listener would reset them
             s.server_close()
+        # An idle keep-alive connection may carry a request already on its way (a proxy took it
+        # from its pool a moment ago; it cannot retry a POST that met a reset). Requests that
+        # arrive in the grace are served with `Connection: close`; the connections still idle
+        # after it are closed.
+        idle_deadline = time.monotonic() + DRAIN_IDLE_GRACE
+        while any(not c.in_request for c in self.conns.snapshot()) and time.monotonic() < idle_deadline:
+            time.sleep(0.05)
         self.conns.close_idle()
         self.metrics_conns.close_all()
         deadline = time.monotonic() + grace

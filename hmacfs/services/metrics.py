@@ -9,6 +9,8 @@ series would grow without bound in Prometheus.
 """
 from __future__ import annotations
 
+import logging
+import math
 import os
 import platform
 import resource
@@ -18,6 +20,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 from .. import __version__
 
+log = logging.getLogger("hmacfs")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 DEFAULT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 # Transfer sizes: 1 KiB to 16 GiB in steps of 4 (a chat photo, a voice note, a video, a disk image).
@@ -304,26 +307,26 @@ class ServerMetrics:
         snap = StorageSnapshot(app)
         r.add(Gauge("hmacfs_free_bytes", "Free bytes on the storage filesystem (for unprivileged users).",
                     fn=app.store.free_bytes))
-        r.add(Gauge("hmacfs_stored_files", "Stored files and kept versions.", fn=lambda: snap.get()["files"]))
+        r.add(Gauge("hmacfs_stored_files", "Stored files and kept versions.", fn=lambda: snap.value("files")))
         r.add(Gauge("hmacfs_stored_bytes", "Logical bytes of stored files and kept versions.",
-                    fn=lambda: snap.get()["bytes"]))
+                    fn=lambda: snap.value("bytes")))
         r.add(Gauge("hmacfs_uploaders", "Uploaders with at least one stored file.",
-                    fn=lambda: snap.get()["uploaders"]))
+                    fn=lambda: snap.value("uploaders")))
         if app.quotas is not None and app.quotas.total:
             r.add(Gauge("hmacfs_quota_global_bytes", "The global quota ([quotas] global).",
                         fn=lambda: app.quotas.total))
-        if app.blobs is not None:
-            r.add(Gauge("hmacfs_dedup_blobs", "Distinct contents in the blob store.", fn=lambda: snap.get()["blobs"]))
+        if app.config.deduplication.enabled:
+            r.add(Gauge("hmacfs_dedup_blobs", "Distinct contents in the blob store.", fn=lambda: snap.value("blobs")))
             r.add(Gauge("hmacfs_dedup_blob_bytes", "Bytes held once in the blob store (plaintext sizes).",
-                        fn=lambda: snap.get()["blob_bytes"]))
+                        fn=lambda: snap.value("blob_bytes")))
             r.add(Gauge("hmacfs_dedup_logical_bytes", "Bytes of every reference to a blob, as if stored each time.",
-                        fn=lambda: snap.get()["logical"]))
+                        fn=lambda: snap.value("logical")))
             r.add(Gauge("hmacfs_dedup_saved_bytes", "Bytes deduplication saves (logical minus held).",
-                        fn=lambda: snap.get()["logical"] - snap.get()["blob_bytes"]))
+                        fn=lambda: snap.value("logical") - snap.value("blob_bytes")))
         r.add(Gauge("hmacfs_ready_warm", "1 once the precache warm-up is done (or off).",
                     fn=lambda: 1.0 if app.warm.is_set() else 0.0))
         r.add(Gauge("hmacfs_resumable_uploads_in_progress", "Resumable uploads (tus, ietf) begun and not finished.",
-                    fn=lambda: snap.get()["partials"]))
+                    fn=lambda: snap.value("partials")))
         # The pool and the readiness probe are built after this call: read them at scrape time.
         r.add(Gauge("hmacfs_upload_workers", "Upload workers in the pool (numworkers or the auto-adjusted count).",
                     fn=lambda: app.gate.workers))
@@ -349,13 +352,28 @@ class StorageSnapshot:
         self._lock = threading.Lock()
 
     def get(self) -> dict[str, float]:
+        """The totals; the last ones read while the metadata cannot answer (Redis away: a
+        scrape must not wait for it, nor fail)."""
         with self._lock:
             now = time.monotonic()
             if now - self._at >= self.max_age:
-                meta = self.app.meta
-                values = {"files": meta.total_files(), "bytes": meta.total_bytes(),
-                          "uploaders": meta.uploader_count(), "partials": len(meta.partial_ids())}
-                if self.app.blobs is not None:
-                    values["blobs"], values["blob_bytes"], values["logical"] = meta.blob_stats()
-                self._values, self._at = values, now
+                self._at = now
+                health = getattr(self.app, "redis_health", None)
+                if health is None or health.up is not False:
+                    try:
+                        self._values = self._read()
+                    except Exception as e:
+                        log.debug("metrics: storage totals not read (%s); the last ones stand", e)
             return self._values
+
+    def value(self, name: str) -> float:
+        """One total (NaN until the metadata has answered once)."""
+        return self.get().get(name, math.nan)
+
+    def _read(self) -> dict[str, float]:
+        meta = self.app.meta
+        values = {"files": meta.total_files(), "bytes": meta.total_bytes(),
+                  "uploaders": meta.uploader_count(), "partials": len(meta.partial_ids())}
+        if self.app.config.deduplication.enabled:
+            values["blobs"], values["blob_bytes"], values["logical"] = meta.blob_stats()
+        return values

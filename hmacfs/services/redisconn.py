@@ -2,8 +2,8 @@
 
 Strategy: redis-py is an optional package, imported only when `[redis] redisenabled` is on
 (a clear start-up error says how to install it otherwise). The client is built with
-short socket timeouts, so a Redis that went away costs a request at most a couple of
-seconds and a 503 (meta/redis.py turns its errors into one), and it reconnects by itself
+short socket timeouts and no back-off, so a Redis that went away costs a request at most
+a few seconds and a 503 (meta/redis.py turns its errors into one), and it reconnects by itself
 when Redis returns: nothing here has to be restarted. The health check pings every
 `redishealthcheckinterval` and exports `hmacfs_redis_up`; /ready reads the same flag.
 """
@@ -19,7 +19,7 @@ from urllib.parse import unquote, urlsplit
 from ..errors import StartupError
 
 log = logging.getLogger("hmacfs")
-SOCKET_TIMEOUT = 5.0
+SOCKET_TIMEOUT = 3.0   # a hung Redis costs a request this long, then a 503
 CONNECT_TIMEOUT = 2.0
 
 
@@ -72,6 +72,8 @@ def connect(addr: str, db: int, password: str = "", ca_file: str = "") -> Any:
     on first use, and again after every failure)."""
     try:
         import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
     except ImportError:
         raise StartupError("[redis] redisenabled = true needs the redis package (redis-py): "
                            "pip install redis, or apt install python3-redis") from None
@@ -80,8 +82,12 @@ def connect(addr: str, db: int, password: str = "", ca_file: str = "") -> Any:
         kwargs["password"] = password
     if ca_file and kwargs.get("ssl"):
         kwargs["ssl_ca_certs"] = ca_file  # a private CA; the host name is still checked
+    # One immediate retry, and only of a broken connection (a pooled socket Redis closed when it
+    # restarted); never of a timeout. redis-py's default retries with back-off for about a
+    # minute against a hung Redis, and a request would wait all that time for its 503.
+    retry = Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,))
     return redis.Redis(socket_timeout=SOCKET_TIMEOUT, socket_connect_timeout=CONNECT_TIMEOUT,
-                       health_check_interval=30, **kwargs)
+                       health_check_interval=30, retry=retry, **kwargs)
 
 
 class RedisHealth:

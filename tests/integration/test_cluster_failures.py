@@ -177,14 +177,16 @@ def test_sigterm_drains_a_node_while_nginx_sends_new_requests_to_the_other(make_
     wait_until(lambda: "shutting down" in draining.log(), "the node to begin draining", timeout=5)
 
     # meanwhile nginx serves everything through the other node, without a client error
-    before = other.log().count('"GET /upload/')
+    before, draining_before = other.log().count('"GET /upload/'), draining.log().count('"GET /upload/')
     statuses = [get(lb, existing).status for _ in range(10)]
     assert statuses == [200] * 10, (statuses, c.nginx.error_log()[-2000:])
     new = slot("during.bin")
     assert put(lb, new, b"written while the other node drains").status == 201
     assert get(other, new).body == b"written while the other node drains"
-    wait_until(lambda: other.log().count('"GET /upload/') - before >= 11, "the other node to log the GETs",
-               timeout=5)  # access lines are written just after the response
+    # a GET may still ride a keep-alive connection to the draining node in its idle grace
+    # (served with Connection: close); every one is answered, by one node or the other
+    wait_until(lambda: other.log().count('"GET /upload/') - before + draining.log().count('"GET /upload/')
+               - draining_before >= 11, "the nodes to log the GETs", timeout=5)
 
     # the upload in flight through the draining node finishes
     assert draining.proc.poll() is None, "the node exited with an upload in flight"
@@ -195,6 +197,37 @@ def test_sigterm_drains_a_node_while_nginx_sends_new_requests_to_the_other(make_
     assert draining.proc.wait(20) == 0
     got = get(lb, path)
     assert got.status == 200 and sha(got.body) == sha(data)
+
+
+def test_a_drain_under_load_gives_no_client_an_error(make_cluster) -> None:
+    """POSTs (which nginx never retries once sent) through nginx while one node drains: the
+    listen backlog is served before the listener closes and idle keep-alive connections get a
+    grace for a request already on its way, so none meets a reset (it used to: 1-2 in 350)."""
+    import threading
+    from collections import Counter
+
+    c = make_cluster({})
+    lb, stop, statuses = c.lb, threading.Event(), Counter()
+
+    def creating() -> None:
+        while not stop.is_set():
+            target = signed_put(lb.prefix, lb.secret, slot("x.bin"), 10)
+            statuses[request(lb.port, "POST", target, headers={"Tus-Resumable": "1.0.0",
+                                                               "Upload-Length": "10"}).status] += 1
+
+    threads = [threading.Thread(target=creating) for _ in range(8)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.5)
+        c.a.proc.send_signal(signal.SIGTERM)
+        time.sleep(2.0)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert set(statuses) == {201} and sum(statuses.values()) > 100, (statuses, c.nginx.error_log()[-2000:])
+    assert c.a.proc.wait(20) == 0
 
 
 def test_sigterm_does_not_cut_a_request_that_has_begun_to_arrive(make_cluster) -> None:

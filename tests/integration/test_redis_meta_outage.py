@@ -25,6 +25,7 @@ ROW = FileRecord("dir/a.txt", 5, "text/plain", "ab" * 32, 100.0, expires=200.0, 
 CALLS = {
     "get": lambda m: m.get("dir/a.txt"),
     "fresh": lambda m: m.fresh("dir/a.txt"),
+    "check_schema": lambda m: m.check_schema(),
     "put": lambda m: m.put(ROW),
     "put_new": lambda m: m.put_new(ROW),
     "take": lambda m: m.take("dir/a.txt"),
