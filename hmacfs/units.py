@@ -6,6 +6,7 @@ so "1GB" means the same here as in an existing hmac-file-server config.
 from __future__ import annotations
 
 import re
+from decimal import Decimal
 
 _SIZE_UNITS = {
     "": 1, "b": 1,
@@ -21,7 +22,8 @@ _DURATION_UNITS = {
     "ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600, "d": 86400,
     "w": 7 * 86400, "y": 365 * 86400,
 }
-_DURATION_PART = re.compile(r"(\d{1,15}(?:\.\d{1,9})?)\s*(ns|us|ms|s|m|h|d|w|y)", re.IGNORECASE)
+MAX_FRACTION_DIGITS = 24  # what format_duration writes for any duration down to 1e-7 s (17 significant digits)
+_DURATION_PART = re.compile(r"(\d{1,15}(?:\.\d{1,24})?)\s*(ns|us|ms|s|m|h|d|w|y)", re.IGNORECASE)
 MAX_DURATION = 1000 * 365 * 86400.0  # a thousand years: beyond it a duration is a typo
 
 
@@ -81,8 +83,8 @@ def format_duration(seconds: float) -> str:
     """A compact spelling of a duration in whole units where exact."""
     s = int(seconds)
     if s != seconds:
-        text = repr(seconds)  # the shortest spelling that reads back as the same float
-        if "e" not in text:
+        text = format(Decimal(repr(seconds)), "f")  # the shortest spelling that reads back as the same float
+        if len(text.partition(".")[2]) <= MAX_FRACTION_DIGITS:
             return f"{text}s"
         for unit, factor in (("ns", 1e-9), ("us", 1e-6), ("ms", 1e-3)):  # tiny ones: no exponent
             n = round(seconds / factor)

@@ -52,6 +52,8 @@ def test_a_schema_4_database_gains_the_image_columns_and_keeps_its_rows(tmp_path
     m.close()
 
 
+@pytest.mark.skipif(sqlite3.sqlite_version_info < (3, 35), reason="rolling a database back to schema 5 here "
+                    "takes ALTER TABLE ... DROP COLUMN (SQLite 3.35); the migration itself needs only 3.24")
 def test_a_schema_5_database_gains_the_object_key_columns_and_keeps_its_rows(tmp_path) -> None:
     path = tmp_path / "m.sqlite3"
     m = meta_sqlite.SqliteMeta(str(path))

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from hmacfs.units import format_duration, format_size, parse_duration, parse_size
 
@@ -35,3 +37,10 @@ def test_formatting_roundtrips() -> None:
         assert parse_size(format_size(n)) == n
     for s in (30, 3600, 86400 * 30, 90):
         assert parse_duration(format_duration(s)) == s
+
+
+@given(st.floats(min_value=1e-7, max_value=1e9, allow_nan=False))
+def test_a_formatted_duration_reads_back_as_the_same_float(seconds: float) -> None:
+    """check-config prints durations that a config file can hold again, exactly (a fraction of
+    17 significant digits used to be refused by the parser's 9-digit limit)."""
+    assert parse_duration(format_duration(seconds)) == seconds
