@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -303,9 +304,12 @@ def test_tuspy_through_nginx_spreads_patches_over_both_nodes(guarded: Cluster) -
     assert uploader.offset == len(data)
 
     def patched() -> list[int]:  # the access line is written just after the response
-        return [n.log()[m:].count('"PATCH /upload/.uploads/') for n, m in zip(guarded.nodes, marks)]
-    wait_until(lambda: sum(patched()) == 7, "seven PATCHes in the nodes' access logs", timeout=5)
-    assert all(count > 0 for count in patched()), patched()
+        return [len(re.findall(r'"PATCH /upload/\.uploads/\S+" 204 ', n.log()[m:]))
+                for n, m in zip(guarded.nodes, marks)]
+    # seven chunks (six of 1 MiB and the rest), each appended once, by one node or the other
+    wait_until(lambda: sum(patched()) >= 7, "seven PATCHes in the nodes' access logs", timeout=15)
+    assert sum(patched()) == 7 and all(count > 0 for count in patched()), \
+        (patched(), [n.log()[-3000:] for n in guarded.nodes])
     for node in guarded.nodes:
         got = get(node, path)
         assert got.status == 200 and sha(got.body) == sha(data)
