@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("hmacfs")
 IMMUTABLE_MAX_AGE = 31536000
 DECRYPT_WAIT = 10.0  # seconds an encrypted download waits for a decryption slot before a 503
+OBJECT_CACHE = "\x00object:"  # hot-cache keys of objects (no signed path holds a NUL)
 REDIRECT_SECONDS = 300  # how long a presigned S3 URL given by `s3redirect` stays valid
 READ_BLOCK = 256 * 1024  # bytes per read of a plain file sent as several ranges (no sendfile between part heads)
 
@@ -134,6 +135,16 @@ def _serve_object(app: App, ex: Exchange, signed_path: str, record: FileRecord, 
         disposition = content_disposition(signed_path.rsplit("/", 1)[-1], content_type)
         url = app.objects.presign(record.object_key, REDIRECT_SECONDS, content_type, disposition)
         ex.send(302, [("Location", url), ("Cache-Control", "no-store")])
+        return
+    if not record.encrypted and record.size <= app.hot.max_file:
+        # Objects are never overwritten (each upload has its own), so a small one's bytes can
+        # be kept here for as long as the LRU keeps them: a hot file costs its row, not a GET.
+        identity, cached_as = Identity(0, 0, record.size, 0), OBJECT_CACHE + record.object_key
+        data = app.hot.get(cached_as, identity)
+        if data is None:
+            data = b"".join(app.objects.read(record.object_key, 0, record.size - 1)) if record.size else b""
+            app.hot.put(cached_as, identity, data)
+        _serve(app, ex, signed_path, record, object_stat(record), cache=cache, data=data)
         return
     _serve(app, ex, signed_path, record, object_stat(record), cache=cache,
            read=partial(app.objects.read, record.object_key))
