@@ -39,8 +39,8 @@ def test_quick_cluster_benchmark_writes_a_complete_table(tmp_path: Path) -> None
     assert re.search(r"^- other processes: ", text, re.M)
 
     body = figures(text, ("24 MiB upload to S3 (moto): hmacfs vs boto3", "24 MiB download from S3 (moto)",
-                          "S3 backend + Redis: two nodes vs one", "local backend (the file on each node's disk) "
-                          "+ Redis: two nodes vs one", "S3 backend + Redis: nginx -> 1 node vs",
+                          "S3 backend + Redis: two nodes vs one", "local backend (a copy of the file on each node's "
+                          "disk) + Redis: two nodes vs one", "S3 backend + Redis: nginx -> 1 node vs",
                           "local backend + Redis: nginx -> 1 node vs"), VALUE, RATIO, PER_ROUND)
     assert len(body) == 6, body
     for row in body:
