@@ -9,7 +9,7 @@ import logging
 import os
 import threading
 import time
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 from .catalog import Catalog
 from .config import Config
@@ -22,7 +22,6 @@ from .handlers.service import handle_health, handle_metrics, handle_ready
 from .http.exchange import CorsPolicy
 from .http.router import Router
 from .meta import SqliteMeta
-from .objectpipeline import ObjectPipeline
 from .pipeline import PathLocks, UploadPipeline
 from .policy.guard import Guard, GuardSettings
 from .policy.paths import MAX_PATH_BYTES
@@ -39,6 +38,9 @@ from .services.workers import UploadGate, WorkerTuner
 from .storage.blobs import BlobStore
 from .storage.local import LocalStore
 from .storage.partials import PartialFiles
+
+if TYPE_CHECKING:
+    from .objectpipeline import ObjectPipeline
 
 log = logging.getLogger("hmacfs")
 
@@ -94,6 +96,8 @@ class App:
         keep_versions = versioning.maxversions if versioning.enableversioning else None
         self.pipeline: Union[UploadPipeline, ObjectPipeline]
         if self.objects is not None:
+            from .objectpipeline import ObjectPipeline  # the S3 stack loads only when it is used
+
             self.pipeline = ObjectPipeline(self.objects, self.meta, keep_versions, self.keyring, locks=locks,
                                            blobs=object_blobs)
         else:

@@ -20,7 +20,6 @@ from .meta.record import VersionRecord
 from .pipeline import PathLocks, remove_version_bytes
 from .storage.blobs import BlobStore
 from .storage.local import LocalStore
-from .storage.objects import release_object
 
 if TYPE_CHECKING:
     from .storage.objects import ObjectBlobs, ObjectStore
@@ -134,6 +133,8 @@ class Catalog:
                     return False
                 versions = self.meta.drop_versions(path, 0)
                 if self.objects is not None:  # the bucket: objects go once no row names them
+                    from .storage.objects import release_object
+
                     rows = [(record.blob, record.object_key)] if record is not None else []
                     gone = [key for blob, key in rows + [(v.blob, v.object_key) for v in versions]
                             for key in release_object(self.object_blobs, blob, key)]

@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
 from ..storage.blobs import is_blob_file
-from ..storage.objects import BLOB_PREFIX
 
 if TYPE_CHECKING:
     from ..catalog import Catalog
@@ -141,6 +140,8 @@ class Janitor:
     def _object_named(self, key: str) -> bool:
         """Does a row need this object? Blobs by their count; upload objects by the rows' keys
         (gathered once per sweep: the rows do not index object keys)."""
+        from ..storage.objects import BLOB_PREFIX
+
         assert self.objects is not None
         name = key[len(self.objects.prefix):]
         if name.startswith(BLOB_PREFIX):
