@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 WRITABLE_EVERY = 1.0   # seconds between storage write tests
 CLAMD_EVERY = 5.0      # seconds between clamd pings
 CLAMD_TIMEOUT = 1.0    # a clamd slower than this to answer PING is not ready to scan uploads
+BUCKET_EVERY = 5.0     # seconds between HEAD requests to the S3 bucket (backend = "s3")
 
 
 class Check(NamedTuple):
@@ -55,18 +56,22 @@ class _Cached:
 
 class Readiness:
     """The checks behind `/ready` and `hmacfs_ready`: storage writable, free space above
-    `minfreebytes`, clamd answering (when `[clamav]` is on), warm-up done, not draining."""
+    `minfreebytes`, the bucket answering (S3 backend), clamd answering (when `[clamav]` is on),
+    Redis answering (cluster mode), warm-up done, not draining."""
 
     def __init__(self, app: App, clock: Callable[[], float] = time.monotonic) -> None:
         self.app = app
         self._writable = _Cached(self._probe_writable, WRITABLE_EVERY, clock)
         self._clamd = _Cached(self._probe_clamd, CLAMD_EVERY, clock)
+        self._bucket = _Cached(self._probe_bucket, BUCKET_EVERY, clock)
 
     def checks(self) -> list[Check]:
         app = self.app
         out = [Check("storage_writable", *self._writable.get()), self._free_space()]
         if app.scanner is not None:
             out.append(Check("clamd", *self._clamd.get()))
+        if getattr(app, "objects", None) is not None:  # the S3 backend: the bucket answers us
+            out.append(Check("object_storage", *self._bucket.get()))
         health = getattr(app, "redis_health", None)
         if health is not None:  # pinged by its own thread every redishealthcheckinterval
             out.append(Check("redis", health.up, "answering" if health.up else "not answering (shared state)"))
@@ -96,6 +101,14 @@ class Readiness:
         except OSError as e:
             return Check("free_space", False, f"cannot read free space: {e.strerror or e}")
         return Check("free_space", free >= floor, f"{free} bytes free, minfreebytes {floor}")
+
+    def _probe_bucket(self) -> tuple[bool, str]:
+        objects = self.app.objects
+        try:
+            objects.client.check_bucket()  # type: ignore[union-attr]
+        except Exception as e:  # S3Error (its text names no secret) or a socket error
+            return False, str(e)
+        return True, f"bucket {objects.client.settings.bucket} answers"  # type: ignore[union-attr]
 
     def _probe_clamd(self) -> tuple[bool, str]:
         client = ClamdClient(self.app.scanner.client.address, CLAMD_TIMEOUT)  # type: ignore[union-attr]

@@ -195,3 +195,19 @@ def test_a_small_object_read_once_is_served_from_the_nodes_memory(hmacfs_factory
     assert again.status == 206 and again.body == b"once"
     missing = request(srv.port, "GET", srv.prefix + "h/unread.txt")
     assert missing.status == 500 and b"missing" in missing.body
+
+
+def test_ready_names_the_bucket_when_it_stops_answering(hmacfs_factory, tmp_path: Path) -> None:
+    own = MotoS3(tmp_path / "moto").start()
+    try:
+        srv = hmacfs_factory(s3_config(own, ""))
+        ready = request(srv.port, "GET", "/ready")
+        assert ready.status == 200 and b'"object_storage": {"ok": true' in ready.body, ready.body
+        own.stop()
+        deadline = time.monotonic() + 15  # the bucket is asked at most every 5 s
+        while (ready := request(srv.port, "GET", "/ready")).status != 503:
+            assert time.monotonic() < deadline, ready.body
+            time.sleep(0.3)
+        assert b'"object_storage": {"ok": false' in ready.body and own.secret_key.encode() not in ready.body
+    finally:
+        own.stop()
