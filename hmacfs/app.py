@@ -84,7 +84,7 @@ class App:
         self.last_seen = LastSeen() if self.redis is not None else None
         locks = PathLocks()  # commits and removals of one path take turns
         object_blobs = None
-        if self.objects is not None and dedup.enabled:
+        if self.objects is not None:  # also with dedup off: rows written while it was on still count blobs
             from .storage.objects import ObjectBlobs
 
             object_blobs = ObjectBlobs(self.objects, self.meta)
@@ -99,7 +99,7 @@ class App:
             from .objectpipeline import ObjectPipeline  # the S3 stack loads only when it is used
 
             self.pipeline = ObjectPipeline(self.objects, self.meta, keep_versions, self.keyring, locks=locks,
-                                           blobs=object_blobs)
+                                           blobs=object_blobs, dedup=dedup.enabled)
         else:
             self.pipeline = UploadPipeline(self.store, self.meta, self.blobs, keep_versions, self.keyring, locks=locks)
         if self.last_seen is not None:
@@ -117,7 +117,7 @@ class App:
                         if clamav.clamavenabled else None)
         self.janitor = Janitor(self.store, self.meta, self.catalog, self.blobs, config.server.cleanupinterval,
                                max(config.timeouts.readtimeout, 60.0) + 60.0, self.metrics, self.resumable)
-        self.janitor.objects = self.objects
+        self.janitor.objects, self.janitor.object_blobs = self.objects, object_blobs
         if self.redis is not None:
             from .services.redisconn import Lease
 

@@ -148,8 +148,9 @@ class Catalog:
             if trash is not None:
                 self.store.discard_temp(trash)
             if self.objects is not None:
-                for key in gone:
-                    self.objects.delete(key)
+                from .storage.objects import delete_released
+
+                delete_released(self.objects, self.object_blobs, gone)
         for hook in self.on_remove:
             try:
                 hook(path)

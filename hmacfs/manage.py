@@ -82,7 +82,7 @@ def open_store(config: Config, keys: bool = True) -> Tools:
             from .storage.objects import ObjectBlobs
 
             objects = build_object_store(config)
-            object_blobs = ObjectBlobs(objects, meta) if config.deduplication.enabled else None
+            object_blobs = ObjectBlobs(objects, meta)  # releases blobs of rows written with dedup on
         elif config.deduplication.enabled:
             blobs = BlobStore(blob_directory(config, store), meta, store.root)
         keyring = None

@@ -22,7 +22,7 @@ from .meta.record import VersionRecord
 from .pipeline import BodySource, PathLocks, Received, Scan, Upload, _Sink
 from .storage.blobs import blob_key
 from .storage.local import PathConflict
-from .storage.objects import ObjectBlobs, ObjectStore, WriterFile, release_object, unavailable
+from .storage.objects import ObjectBlobs, ObjectStore, WriterFile, delete_released, release_object, unavailable
 from .storage.s3client import S3Error
 
 if TYPE_CHECKING:
@@ -38,9 +38,11 @@ class ObjectPipeline:
 
     def __init__(self, objects: ObjectStore, meta: MetaStore, keep_versions: Optional[int] = None,
                  keyring: Optional[Keyring] = None, segment_size: int = 1024 * 1024,
-                 locks: Optional[PathLocks] = None, blobs: Optional[ObjectBlobs] = None) -> None:
+                 locks: Optional[PathLocks] = None, blobs: Optional[ObjectBlobs] = None,
+                 dedup: bool = False) -> None:
         self.objects = objects
-        self.blobs = blobs  # deduplication: one object per distinct content
+        self.blobs = blobs  # blob objects: counted for new uploads with `dedup`, released always
+        self.dedup = dedup and blobs is not None
         self.meta = meta
         self.keep_versions = keep_versions
         self.keyring = keyring
@@ -92,22 +94,26 @@ class ObjectPipeline:
         """Make the received object the file at its path, or delete it (409 when the path is
         taken and versioning is off; whatever `before_commit` or the quotas raise)."""
         path = upload.signed_path
-        gone: list[str] = []  # objects no row names any more: deleted after the transaction
+        gone: list[str] = []  # objects the transaction released: deleted once it has committed
         record = None
         try:
             if before_commit is not None:
                 before_commit(received)
-            blob = copied = None
-            if self.blobs is not None:  # the content's object is made before the shared lock is taken
+            blob = None
+            if self.dedup and self.blobs is not None:  # the content's object is made before the shared lock
                 blob = blob_key(received.sha256, received.encrypted)
-                copied = self.blobs.prepare(received.object_key or "", blob)
+                self.blobs.prepare(received.object_key or "", blob)
             with self.locks.hold(path):  # this node's uploads queue here, not on the shared lock
-                record = self._commit(received, upload, gone, blob, bool(copied))
+                record = self._commit(received, upload, gone, blob)
         finally:
-            if record is None or record.object_key != received.object_key:
-                gone.append(received.object_key or "")  # not the file, or its bytes are in the blob
-            for key in gone:
-                self.objects.delete(key)
+            if record is not None:
+                if record.object_key != received.object_key:
+                    gone.append(received.object_key or "")  # its bytes are in the blob
+                delete_released(self.objects, self.blobs, gone)
+            elif not self._named(path, received.object_key or ""):
+                # Not committed, or committed with its answer lost (a Redis timeout): the object
+                # goes only when no row names it. What the transaction released was rolled back.
+                self.objects.delete(received.object_key)
         for hook in self.on_commit:
             try:
                 hook(record)
@@ -115,8 +121,16 @@ class ObjectPipeline:
                 log.exception("after-commit job failed for %r", path)
         return record
 
-    def _commit(self, received: Received, upload: Upload, gone: list[str], blob: Optional[str],
-                copied: bool) -> FileRecord:
+    def _named(self, path: str, key: str) -> bool:
+        """Does the row of `path` name `key`? Yes when that cannot be told (the sweep deletes an
+        object no row names, later)."""
+        try:
+            current = self.meta.get(path)
+        except Exception:
+            return True
+        return current is not None and current.object_key == key
+
+    def _commit(self, received: Received, upload: Upload, gone: list[str], blob: Optional[str]) -> FileRecord:
         path = upload.signed_path
         with self.meta.transaction():
             current = self.meta.get(path)
@@ -125,7 +139,7 @@ class ObjectPipeline:
             kept = _as_version(current, self._next_number(current)) if current is not None else None
             key = received.object_key
             if self.blobs is not None and blob is not None:
-                key = self.blobs.acquire(blob, received.size, received.object_key or "", copied)
+                key = self.blobs.acquire(blob, received.size, received.object_key or "")
             record = FileRecord(path=path, size=received.size, content_type=upload.content_type,
                                 sha256=received.sha256, created=time.time(), expires=upload.expires,
                                 uploader=upload.uploader, version=kept.version + 1 if kept is not None else 1,

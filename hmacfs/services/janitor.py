@@ -38,7 +38,8 @@ PAUSE = 0.05          # seconds between batches
 ORPHAN_AGE = 3600.0   # a file without its row this old is a crash's leftover, not a commit in progress
 DAY = 86400.0
 OBJECT_SWEEP_EVERY = 3600.0  # S3 backend: objects no row names are looked for hourly (a pass reads every row)
-OBJECT_GRACE = ORPHAN_AGE    # an object younger than this may belong to a commit in progress
+OBJECT_GRACE = ORPHAN_AGE    # unnamed this long (by the sweeps' own clock): not a commit in progress
+MULTIPART_GRACE = 86400.0    # an unfinished multipart upload this old is abandoned (a body may take hours)
 
 
 @dataclass
@@ -77,6 +78,7 @@ class Janitor:
         # cluster; every node still sweeps its own temp files.
         self.lease = None
         self.objects = None  # the S3 backend's ObjectStore: objects no row names are swept too
+        self.object_blobs = None  # and its ObjectBlobs
         self._objects_swept = 0.0
         self._named: Optional[set[str]] = None
         self.last_run: Optional[JanitorRun] = None
@@ -123,9 +125,8 @@ class Janitor:
             if self.blobs is not None:
                 self._reconcile_blobs(run)
             if self.objects is not None and now - self._objects_swept >= OBJECT_SWEEP_EVERY:
-                self._objects_swept, self._named = now, None
-                run.orphans += self.objects.sweep(self._object_named, OBJECT_GRACE, now)
-                self._named = None
+                self._objects_swept = now
+                run.orphans += self._sweep_bucket(now)
         self.last_run = run
         if self.metrics is not None:
             self.metrics.janitor_runs.inc()
@@ -136,6 +137,20 @@ class Janitor:
                      "blob(s), %d expired resumable upload(s); fixed %d blob count(s)", run.expired, run.temp_files,
                      run.orphans, run.blobs_removed, run.partials, run.refs_fixed)
         return run
+
+    def _sweep_bucket(self, now: float) -> int:
+        """Objects no row names, first seen so by a pass OBJECT_GRACE ago (a blob only if still
+        unreferenced under the lock), and multipart uploads first seen MULTIPART_GRACE ago."""
+        from ..storage.objects import delete_released
+
+        assert self.objects is not None
+        self._named = None
+        try:
+            gone = self.objects.unneeded(self._object_named, OBJECT_GRACE, now)
+        finally:
+            self._named = None
+        delete_released(self.objects, self.object_blobs, gone)
+        return len(gone) + self.objects.abort_stale_uploads(MULTIPART_GRACE, now)
 
     def _object_named(self, key: str) -> bool:
         """Does a row need this object? Blobs by their count; upload objects by the rows' keys

@@ -46,6 +46,7 @@ class ObjectStore:
         self.part_size = part_size
         self.concurrency = concurrency
         self._uploads_seen: dict[str, float] = {}  # multipart upload id -> when a sweep first listed it
+        self._objects_seen: dict[str, float] = {}  # unnamed object key -> when a sweep first saw it so
 
     def new_key(self) -> str:
         return f"{self.prefix}{OBJECT_PREFIX}{secrets.token_hex(16)}"
@@ -102,32 +103,39 @@ class ObjectStore:
             raise HTTPError(500, "the stored bytes of this file are missing")
         return ObjectRange(self, key, info.size)
 
-    def sweep(self, known: Callable[[str], bool], older_than: float, now: Optional[float] = None) -> int:
-        """Delete upload and blob objects that no row names (`known` says) and unfinished
-        multipart uploads, all older than `older_than` seconds (an upload in flight is
-        younger); returns how many. Partial-upload chunks are the resumable engine's."""
+    def unneeded(self, known: Callable[[str], bool], grace: float, now: Optional[float] = None) -> list[str]:
+        """Upload and blob objects no row names (`known` says), first seen unnamed by a pass at
+        least `grace` seconds ago and still unnamed now. Judged by when this node first saw
+        them, not by `LastModified`: a multipart object's date can be when its upload began,
+        hours before it was committed. The caller deletes them (a blob under the lock)."""
         now = time.time() if now is None else now
-        removed = 0
+        seen, found = {}, []
         for info in self.client.list_objects(self.prefix):
-            name = info.key[len(self.prefix):]
-            if (name.startswith((OBJECT_PREFIX, BLOB_PREFIX)) and now - info.last_modified >= older_than
-                    and not known(info.key)):
-                self.delete(info.key)
-                removed += 1
-        # An unfinished multipart upload is judged by when a sweep first saw it, not by its
-        # `Initiated` time: that is the server's clock (some S3-compatible servers report a
-        # fixed date), and aborting an upload in flight would fail it.
+            if not info.key[len(self.prefix):].startswith((OBJECT_PREFIX, BLOB_PREFIX)) or known(info.key):
+                continue
+            seen[info.key] = first = self._objects_seen.get(info.key, now)
+            if now - first >= grace:
+                found.append(info.key)
+        self._objects_seen = seen
+        return found
+
+    def abort_stale_uploads(self, grace: float, now: Optional[float] = None) -> int:
+        """Abort multipart uploads a pass first listed at least `grace` seconds ago (not by their
+        `Initiated`: the server's clock, and some S3-compatible servers report a fixed date);
+        `grace` must exceed the longest upload, as it may still be sending parts."""
+        now = time.time() if now is None else now
         listed = self.client.list_multipart_uploads(self.prefix)
         seen = {upload_id: self._uploads_seen.get(upload_id, now) for _key, upload_id, _at in listed}
         self._uploads_seen = seen
+        aborted = 0
         for key, upload_id, _initiated in listed:
-            if now - seen[upload_id] >= older_than:
+            if now - seen[upload_id] >= grace:
                 try:
                     self.client.abort_multipart(key, upload_id)
-                    removed += 1
+                    aborted += 1
                 except (S3Error, OSError) as e:
                     log.warning("object storage: could not abort an old multipart upload of %s (%s)", key, e)
-        return removed
+        return aborted
 
 
 class WriterFile:
@@ -166,8 +174,8 @@ class ObjectBlobs:
 
     A new content's object is copied from the upload's own object (a server-side copy)
     before the commit's metadata transaction, so the shared lock is not held while bytes
-    move; the count is taken inside it, and the object of a blob whose count reaches 0 is
-    deleted inside it too, so an upload that counts the blob again cannot miss its object."""
+    move; the count is taken inside it. The object of a blob whose count reached 0 is deleted
+    after that transaction committed, in a short one of its own that checks the count again."""
 
     def __init__(self, objects: ObjectStore, meta: MetaStore) -> None:
         self.objects = objects
@@ -187,28 +195,49 @@ class ObjectBlobs:
             raise unavailable(e) from None
         return True
 
-    def acquire(self, blob: str, size: int, source_key: str, copied: bool) -> str:
-        """In the commit's transaction: one more reference; the blob object's key."""
+    def acquire(self, blob: str, size: int, source_key: str) -> str:
+        """In the commit's transaction: one more reference; the blob object's key. A new count
+        (1) makes sure the object is there: a release that committed just before may have
+        deleted it (the upload's own object, its source, still exists)."""
         key = self.key(blob)
-        if self.meta.blob_acquire(blob, size) == 1 and not copied:
-            try:  # it was there before the transaction; a release may have deleted it since
+        if self.meta.blob_acquire(blob, size) == 1:
+            try:
                 if self.objects.client.head_object(key) is None:
                     self.objects.client.copy_object(source_key, key)
             except (S3Error, OSError) as e:
                 raise unavailable(e) from None
         return key
 
-    def release(self, blob: str) -> None:
-        """In a transaction: one reference less; the object goes with the last one."""
-        if self.meta.blob_release(blob) == 0:
-            self.objects.delete(self.key(blob))
+    def release(self, blob: str) -> Optional[str]:
+        """In a transaction: one reference less; the blob object's key when it was the last
+        (for `forget` once the transaction has committed: a rollback must find it there)."""
+        return self.key(blob) if self.meta.blob_release(blob) == 0 else None
+
+    def forget(self, key: str) -> None:
+        """Delete a blob object whose last reference went, unless a row counts it again: the
+        check and the delete are one transaction, so an upload counting it meanwhile keeps it."""
+        with self.meta.transaction():
+            if self.meta.blob_refs(key[len(self.objects.prefix + BLOB_PREFIX):]) == 0:
+                self.objects.delete(key)
 
 
 def release_object(blobs: Optional[ObjectBlobs], blob: Optional[str], key: Optional[str]) -> list[str]:
-    """In a metadata transaction, for a row that is going: a blob reference is released (its
-    object goes with the last); otherwise the row's own object is returned, to be deleted
-    once the transaction has committed."""
+    """In a metadata transaction, for a row that is going: its blob reference is released, or
+    its own object is listed; what comes back is deleted by `delete_released` once the
+    transaction has committed (never before: a rollback brings the row back)."""
     if blob is not None and blobs is not None:
-        blobs.release(blob)
-        return []
+        last = blobs.release(blob)
+        return [last] if last else []
     return [key] if key else []
+
+
+def delete_released(objects: ObjectStore, blobs: Optional[ObjectBlobs], keys: list[str]) -> None:
+    """After the commit: the objects `release_object` listed (a blob only if still unreferenced)."""
+    for key in keys:
+        if blobs is not None and key.startswith(objects.prefix + BLOB_PREFIX):
+            try:
+                blobs.forget(key)
+            except Exception as e:  # Redis away: the sweep deletes an unreferenced blob later
+                log.warning("object storage: blob %s not deleted now (%s); the sweep will", key, e)
+        else:
+            objects.delete(key)
