@@ -131,6 +131,19 @@ class Writers:
             self._entries.pop(upload_id, None)
 
 
+class _NoDigest:
+    """A hash that is not kept (see `append`)."""
+
+    def update(self, data: Any) -> None:
+        pass
+
+    def copy(self) -> _NoDigest:
+        return self
+
+
+_NO_DIGEST = _NoDigest()
+
+
 class _BlocksBody:
     """A partial upload's plaintext read back as a body (to encrypt it on commit)."""
 
@@ -232,7 +245,10 @@ class ResumableUploads:
         if record.completed:
             raise HTTPError(400, "this upload is already complete")
         start = self.offset(record)
-        digest = self._digest(record.id, attachment, start)
+        # The running hash serves only a commit by hard link; a commit that streams the bytes
+        # (encryption, the S3 backend) hashes them then: reading [0, start) back here, on every
+        # append that lands on another node than the last, would be wasted.
+        digest = self._digest(record.id, attachment, start) if self.pipeline.links_partials else _NO_DIGEST
         saved = digest.copy() if checksum is not None else None
         check = new_hash(checksum[0]) if checksum is not None else None
         try:

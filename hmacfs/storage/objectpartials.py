@@ -2,23 +2,26 @@
 
 Strategy: the same interface as `PartialFiles` (storage/partials.py), with an upload's
 bytes as a chain of chunk objects instead of one append-only file: each append streams
-into a new object named by the offset it starts at (`<prefix>partial.<id>.<offset>`),
-and becomes visible only when that append ends (a multipart upload completes, or one
-PUT), keeping every byte that arrived. The offset is therefore what a listing of the
-upload's chunks adds up to: no state beside the bytes, nothing to go out of step, and a
-node killed mid-append leaves an unfinished multipart upload (invisible, swept later)
-rather than a wrong offset. A new upload starts with an empty chunk at offset 0, so "no
-chunk" means the upload's bytes are gone. Listings use no '/' in their prefix (some
-S3-compatible servers mis-sign those).
+into a new object named by the offset it starts at and a token of its own
+(`<prefix>partial.<id>.<offset>.<token>`), and becomes visible only when that append ends
+(a multipart upload completes, or one PUT), keeping every byte that arrived. The offset is
+therefore what the chain of chunks adds up to: no state beside the bytes, nothing to go
+out of step, and a node killed mid-append leaves an unfinished multipart upload
+(invisible, swept later) rather than a wrong offset. A new upload starts with an empty
+chunk at offset 0, so "no chunk" means the upload's bytes are gone. Listings use no '/'
+in their prefix (some S3-compatible servers mis-sign those).
 
-Appends never overlap: the resumable engine holds the upload's writer lock (shared
-through Redis across nodes) while one runs, and a writer whose lock lapsed does not
-complete its chunk.
+Appends take turns: the resumable engine holds the upload's writer lock (shared through
+Redis across nodes) while one runs, and a writer that sees its hold lapsed does not
+complete its chunk. Should one complete all the same (its hold lapsed while the last
+part was on its way), its chunk and the newcomer's start at the same offset and hold the
+same bytes of the same file; the chain takes the longest at each offset.
 """
 from __future__ import annotations
 
 import logging
 import re
+import secrets
 import time
 from typing import TYPE_CHECKING, Iterator, Optional
 
@@ -34,7 +37,7 @@ log = logging.getLogger("hmacfs")
 OFFSET_DIGITS = 16
 SEALED = ".sealed"  # a chunk stored as AES-GCM segments (storage/encrypted.py)
 SEGMENT_SIZE = 1 << 20
-_CHUNK = re.compile(re.escape(PARTIAL_PREFIX) + r"([A-Za-z0-9_-]+)\.(\d{16})(\.sealed)?\Z")
+_CHUNK = re.compile(re.escape(PARTIAL_PREFIX) + r"([A-Za-z0-9_-]+)\.(\d{16})\.[0-9a-f]{8}(\.sealed)?\Z")
 
 
 class ObjectChunkWriter:
@@ -118,8 +121,10 @@ class ObjectPartials:
         self.keyring = keyring  # new chunks are encrypted while it is set (SIGHUP may rotate it)
 
     def _key(self, upload_id: str, offset: int, sealed: bool = False) -> str:
+        """A new chunk's name: its offset, and a token of its own, so two writers never share one."""
         suffix = SEALED if sealed else ""
-        return f"{self.objects.prefix}{PARTIAL_PREFIX}{upload_id}.{offset:0{OFFSET_DIGITS}d}{suffix}"
+        return (f"{self.objects.prefix}{PARTIAL_PREFIX}{upload_id}.{offset:0{OFFSET_DIGITS}d}."
+                f"{secrets.token_hex(4)}{suffix}")
 
     def _chunks(self, upload_id: str) -> list[tuple[int, int, str, int]]:
         """(start, plaintext size, key, stored size) of the upload's chunks, in order (503 when
@@ -146,16 +151,34 @@ class ObjectPartials:
         except (S3Error, OSError) as e:
             raise unavailable(e) from None
 
-    def size(self, upload_id: str) -> Optional[int]:
+    def _chain(self, upload_id: str) -> Optional[list[tuple[int, int, str, int]]]:
+        """The chunks that make the upload's bytes: the chain from offset 0 that reaches
+        furthest. A chunk another writer finished at an offset already covered (its hold had
+        lapsed as it completed) holds the same bytes of the same file as the chunk beside
+        it, so whichever chain is taken the bytes are right. None when there is no chunk."""
         chunks = self._chunks(upload_id)
         if not chunks:
             return None
-        end = 0
-        for start, size, key, _stored in chunks:
-            if start != end:
-                raise PartialCorrupt(f"chunk {key} starts at {start}, the bytes before it end at {end}")
-            end += size
-        return end
+        by_start: dict[int, list[tuple[int, int, str, int]]] = {}
+        for chunk in chunks:
+            if chunk[1]:  # the empty creation marker adds nothing
+                by_start.setdefault(chunk[0], []).append(chunk)
+        reach: dict[int, int] = {}  # offset -> the furthest end a chain from it reaches
+        take: dict[int, tuple[int, int, str, int]] = {}  # offset -> the chunk that chain takes there
+        for start in sorted(by_start, reverse=True):  # every end beyond a start is settled first
+            for chunk in by_start[start]:
+                end = start + chunk[1]
+                if reach.get(end, end) > reach.get(start, start):
+                    reach[start], take[start] = reach.get(end, end), chunk
+        chain, offset = [], 0
+        while offset in take:
+            chain.append(take[offset])
+            offset += take[offset][1]
+        return chain
+
+    def size(self, upload_id: str) -> Optional[int]:
+        chain = self._chain(upload_id)
+        return None if chain is None else sum(size for _start, size, _key, _stored in chain)
 
     def open_at(self, upload_id: str, offset: int) -> ObjectChunkWriter:
         keyring = self.keyring
@@ -163,7 +186,7 @@ class ObjectPartials:
 
     def read(self, upload_id: str, upto: int) -> Iterator[bytes]:
         done = 0
-        for start, size, key, stored in self._chunks(upload_id):
+        for start, size, key, stored in self._chain(upload_id) or []:
             if done >= upto:
                 return
             if start != done:

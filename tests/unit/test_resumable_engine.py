@@ -174,6 +174,15 @@ def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def digest_covers(e: Engine, attachment, n: int) -> bool:
+    """The running sha256 covers exactly [0, n) of DATA: with plain partials, which the commit
+    hard-links and does not re-read. Sealed ones are re-read and encrypted by the commit, which
+    hashes them then: no running hash is kept for them (it would be read back for nothing)."""
+    if e.keyring is not None:
+        return not hasattr(attachment.digest, "hexdigest")
+    return attachment.digest_at == n and attachment.digest.hexdigest() == sha(DATA[:n])
+
+
 def digest_of(algorithm: str, data: bytes) -> bytes:
     return hashlib.new(algorithm, data).digest()
 
@@ -231,7 +240,7 @@ def test_running_digest_follows_every_append(engine: Engine) -> None:
     record = create(engine)
     append(engine, record.id, [DATA[:5000]])
     attachment = attachment_of(engine, record.id)
-    assert attachment.digest_at == 5000 and attachment.digest.hexdigest() == sha(DATA[:5000])
+    assert digest_covers(engine, attachment, 5000)
 
 
 def test_an_append_moves_the_expiry_on(engine: Engine) -> None:
@@ -271,7 +280,7 @@ def test_a_wrong_checksum_is_460_and_changes_nothing(engine: Engine, algorithm: 
     assert status_of(e) == 460
     assert engine.files.size(record.id) == 1000 and held(engine, record.id) == DATA[:1000]
     attachment = attachment_of(engine, record.id)
-    assert attachment.digest_at == 1000 and attachment.digest.hexdigest() == sha(DATA[:1000])
+    assert digest_covers(engine, attachment, 1000)
     assert engine.meta.partial_get(record.id).expires == NOW + EXPIRY  # nothing kept: no sign of life
     assert append(engine, record.id, [DATA[1000:]]) == len(DATA)
     assert finish(engine, record.id).sha256 == sha(DATA)
@@ -297,7 +306,7 @@ def test_a_cut_off_append_keeps_what_arrived(engine: Engine) -> None:
     assert engine.files.size(record.id) == 1500 and held(engine, record.id) == DATA[:1500]
     assert engine.meta.partial_get(record.id).expires == NOW + 10 + EXPIRY  # bytes kept: alive
     attachment = attachment_of(engine, record.id)
-    assert attachment.digest_at == 1500 and attachment.digest.hexdigest() == sha(DATA[:1500])
+    assert digest_covers(engine, attachment, 1500)
     assert append(engine, record.id, [DATA[1500:]]) == len(DATA)
     assert finish(engine, record.id).sha256 == sha(DATA)
 
@@ -311,7 +320,7 @@ def test_a_cut_off_append_with_a_checksum_keeps_nothing(engine: Engine) -> None:
                fail=BodyTruncated(1400, "1900"))
     assert engine.files.size(record.id) == 100 and held(engine, record.id) == DATA[:100]
     attachment = attachment_of(engine, record.id)
-    assert attachment.digest_at == 100 and attachment.digest.hexdigest() == sha(DATA[:100])
+    assert digest_covers(engine, attachment, 100)
     append(engine, record.id, [DATA[100:]])
     assert finish(engine, record.id).sha256 == sha(DATA)
 
@@ -781,7 +790,7 @@ def test_takeover_of_an_append_keeps_the_bytes_it_wrote(engine: Engine) -> None:
         with engine.uploads.writing(record, None, NOW) as (current, attachment):
             took = time.monotonic() - started
             assert engine.uploads.offset(current) == 3000
-            assert attachment.digest_at == 3000 and attachment.digest.hexdigest() == sha(DATA[:3000])
+            assert digest_covers(engine, attachment, 3000)
         thread.join(5)
         assert took < STALE_AFTER + 1.0, took  # cut once its body stopped for STALE_AFTER, not the read timeout
         assert isinstance(outcome.get("error"), BodyTruncated), outcome
