@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import ipaddress
 import os
+import re
 import sys
 from dataclasses import dataclass, make_dataclass
 from typing import Any, Callable, Mapping, Optional
@@ -481,6 +482,7 @@ def from_dict(raw: Mapping[str, Any], source: str = "<dict>",
                              ("AWS_SECRET_ACCESS_KEY", ("storage", "s3secretkey"))):
         if not values.get(target) and environ.get(env_name):
             values[target] = environ[env_name]
+    _move_redis_password(values)
 
     sections = {}
     for section in SECTIONS:
@@ -571,6 +573,28 @@ def _validate(config: Config) -> None:
     if config.thumbnails.thumbnailintervalscan < 1:
         raise ConfigError("[thumbnails] thumbnailintervalscan: at least 1s (e.g. \"1h\")")
     _validate_cluster(config)
+
+
+_URL_PASSWORD = re.compile(r"\A(rediss?://[^:@/]*):([^@/]*)@", re.IGNORECASE)
+
+
+def _move_redis_password(values: dict) -> None:
+    """A password in `redisaddr` (redis://:pw@host) becomes `redispassword`, a secret: masked by
+    check-config and never in an error message, as a password must be."""
+    addr = values.get(("redis", "redisaddr"))
+    match = _URL_PASSWORD.match(addr) if isinstance(addr, str) else None
+    if match is None:
+        return
+    from urllib.parse import unquote
+
+    password = unquote(match.group(2))
+    given = values.get(("redis", "redispassword"))
+    if given and given != password:
+        raise ConfigError("[redis] redisaddr holds a password and redispassword another: give it once")
+    values[("redis", "redispassword")] = password
+    scheme_and_user = match.group(1)
+    user_given = not scheme_and_user.endswith("://")
+    values[("redis", "redisaddr")] = scheme_and_user + ("@" if user_given else "") + addr[match.end():]
 
 
 def _validate_cluster(config: Config) -> None:

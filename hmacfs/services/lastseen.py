@@ -2,11 +2,13 @@
 
 Strategy: in cluster mode the row is what maps a path to its bytes, so an outage of
 Redis would stop every download. Objects in the bucket are never overwritten (each
-upload has its own, storage/objects.py), so a row read a moment ago still points at the
-right bytes, or at nothing (then the download is an error, never wrong bytes). Downloads
+upload has its own, storage/objects.py), so a row read a moment ago points at the bytes
+the file had then, or at nothing (then the download is an error, never a mix). Downloads
 therefore fall back to the last row seen for a path when Redis cannot answer: files this
-node served or stored recently keep downloading through an outage. Nothing else reads
-from here, and a row a node saw removed is removed here too.
+node served or stored recently keep downloading through an outage. The price: a file
+another node deleted or replaced during the outage may still be served as it was (its
+object lives on as a kept version or a shared blob). Nothing else reads from here, and a
+row this node saw removed is removed here too.
 """
 from __future__ import annotations
 

@@ -217,3 +217,15 @@ def test_redis_addresses_parse_to_client_options() -> None:
                                                             "password": "p@ss"}
     assert parse("rediss://u:pw@r.example") == {"host": "r.example", "port": 6379, "db": 0, "password": "pw",
                                                 "username": "u", "ssl": True, "ssl_cert_reqs": "required"}
+
+
+def test_a_password_in_redisaddr_becomes_the_masked_redispassword(tmp_path: Path) -> None:
+    cfg = load_text(tmp_path, f'[redis]\nredisenabled = true\nredisaddr = "rediss://app:s%40cret@r.example:6380/2"\n'
+                    f'[security]\nsecret = "{STRONG}"\n')
+    assert cfg.redis.redisaddr == "rediss://app@r.example:6380/2" and cfg.redis.redispassword == "s@cret"
+    shown = config.render_effective(cfg)
+    assert "s@cret" not in shown and "s%40cret" not in shown and 'redispassword = "********"' in shown
+    with pytest.raises(config.ConfigError, match="give it once") as caught:
+        load_text(tmp_path, f'[redis]\nredisaddr = "redis://:one@h:1"\nredispassword = "two"\n'
+                  f'[security]\nsecret = "{STRONG}"\n')
+    assert "one" not in str(caught.value).replace("give it once", "")
