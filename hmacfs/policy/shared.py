@@ -43,6 +43,22 @@ return 0
 """
 
 
+class Breaker:
+    """After Redis failed, skip it for a moment: a hung Redis costs one request one socket
+    timeout per check, not every request each of its checks (the node decides alone meanwhile)."""
+
+    PAUSE = 2.0
+
+    def __init__(self) -> None:
+        self._until = 0.0
+
+    def open(self) -> bool:
+        return time.monotonic() < self._until
+
+    def tripped(self) -> None:
+        self._until = time.monotonic() + self.PAUSE
+
+
 class SharedTokenBuckets(TokenBuckets):
     """TokenBuckets (the same GCRA arithmetic) kept in Redis; the local buckets are the fallback."""
 
@@ -52,11 +68,15 @@ class SharedTokenBuckets(TokenBuckets):
         self.prefix = prefix
         self._take = client.register_script(TAKE_SCRIPT)
         self._warned = 0.0
+        self.breaker = Breaker()
 
     def take(self, key: str, now: Optional[float] = None) -> float:
+        if self.breaker.open():
+            return super().take(key, now)
         try:
             wait = float(self._take(keys=[self.prefix + key], args=[repr(self.interval), repr(self.tolerance)]))
         except Exception as e:
+            self.breaker.tripped()
             if time.monotonic() - self._warned > 60:
                 self._warned = time.monotonic()
                 log.warning("rate limit: Redis unavailable (%s); limiting per node until it is back", e)
@@ -73,11 +93,15 @@ class SharedFailureCounter(FailureCounter):
         self.client = client
         self.prefix = prefix
         self._fail = client.register_script(FAIL_SCRIPT)
+        self.breaker = Breaker()
 
     def add(self, key: str, now: float) -> bool:
+        if self.breaker.open():
+            return super().add(key, now)
         try:
             return bool(self._fail(keys=[self.prefix + key], args=[int(self.window * 1000), self.threshold]))
         except Exception as e:
+            self.breaker.tripped()
             log.warning("bans: Redis unavailable (%s); counting failures on this node", e)
             return super().add(key, now)
 
@@ -91,16 +115,18 @@ class SharedBans(Bans):
         super().__init__(store, threshold, window, duration)
         self.failures = SharedFailureCounter(client, prefix + "fail:", threshold, window)
         self._clear: dict[str, float] = {}  # key -> when the store last said "not banned"
+        self.breaker = Breaker()
         self._clear_lock = threading.Lock()
 
     def banned(self, key: str, now: float) -> bool:
         if key in self._until:
             return super().banned(key, now)
-        if now - self._clear.get(key, -NEGATIVE_SECONDS) < NEGATIVE_SECONDS:
+        if now - self._clear.get(key, -NEGATIVE_SECONDS) < NEGATIVE_SECONDS or self.breaker.open():
             return False
         try:
             stored = self.store.ban_get(key)
         except Exception:
+            self.breaker.tripped()
             return False  # Redis away: the bans this node knows still hold (above)
         if stored is None or stored.until <= now:
             with self._clear_lock:

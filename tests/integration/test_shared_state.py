@@ -263,3 +263,26 @@ def srv_keys(srv: RedisServer, key: str) -> list:
     import redis
 
     return redis.Redis(host="127.0.0.1", port=srv.port).hkeys(key)
+
+
+def test_a_hung_redis_costs_the_limits_one_timeout_then_they_decide_alone(server, prefix) -> None:
+    """SIGSTOP: connections stay open and nothing answers. The first check waits one socket
+    timeout; the next ones, for a moment, go straight to the node's own buckets and counts."""
+    from hmacfs.services.redisconn import SOCKET_TIMEOUT
+
+    buckets = SharedTokenBuckets(node(server), prefix, per_minute=100)
+    counter = SharedFailureCounter(node(server), prefix, threshold=5, window=60)
+    assert buckets.take("192.0.2.20") == 0.0 and counter.add("192.0.2.20", 0) is False  # connected
+    server.pause()
+    try:
+        started = time.monotonic()
+        assert buckets.take("192.0.2.20") == 0.0
+        assert SOCKET_TIMEOUT - 0.5 < time.monotonic() - started < SOCKET_TIMEOUT + 2
+        started = time.monotonic()
+        for _ in range(20):
+            buckets.take("192.0.2.20")
+        assert time.monotonic() - started < 0.5  # the breaker is open: no waiting on Redis
+    finally:
+        server.resume()
+    time.sleep(buckets.breaker.PAUSE + 0.1)
+    assert buckets.take("192.0.2.21") == 0.0 and not buckets.breaker.open()  # Redis again
