@@ -1,8 +1,11 @@
 """Module-scoped servers for the contract tests (one process serves many independent paths)."""
 from __future__ import annotations
 
+from typing import Iterator
+
 import pytest
 
+from tests.support.cluster import Backing
 from tests.support.hmacfs_proc import HmacfsProcess
 
 
@@ -14,3 +17,13 @@ def srv(tmp_path_factory):
     }).start()
     yield proc
     proc.close()
+
+
+@pytest.fixture(scope="module")
+def backing(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backing]:
+    """For the cluster tests: one moto (signatures checked) and one Redis per test module."""
+    b = Backing(tmp_path_factory.mktemp("backing")).start()
+    try:
+        yield b
+    finally:
+        b.close()

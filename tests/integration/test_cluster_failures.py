@@ -24,7 +24,7 @@ import signal
 import time
 import uuid
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import pytest
 
@@ -41,15 +41,6 @@ MB = 1024 * 1024
 TUS = {"Tus-Resumable": "1.0.0"}
 OCTET = "application/offset+octet-stream"
 EXPIRED = "hmacfs_expired_files_removed_total"
-
-
-@pytest.fixture(scope="module")
-def backing(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backing]:
-    b = Backing(tmp_path_factory.mktemp("backing")).start()
-    try:
-        yield b
-    finally:
-        b.close()
 
 
 @pytest.fixture

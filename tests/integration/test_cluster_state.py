@@ -45,15 +45,6 @@ TUS = {"Tus-Resumable": "1.0.0"}
 OCTET = "application/offset+octet-stream"
 
 
-@pytest.fixture(scope="module")
-def backing(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backing]:
-    b = Backing(tmp_path_factory.mktemp("backing")).start()
-    try:
-        yield b
-    finally:
-        b.close()
-
-
 def cluster(backing: Backing, tmp_path_factory: pytest.TempPathFactory, name: str, config: dict,
             nginx: bool = True) -> Iterator[Cluster]:
     c = Cluster(tmp_path_factory.mktemp(name), backing, config, name=name, nginx=nginx).start()

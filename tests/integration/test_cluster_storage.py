@@ -36,15 +36,6 @@ K1 = "11" * 32
 
 
 @pytest.fixture(scope="module")
-def backing(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backing]:
-    b = Backing(tmp_path_factory.mktemp("backing")).start()
-    try:
-        yield b
-    finally:
-        b.close()
-
-
-@pytest.fixture(scope="module")
 def plain(backing: Backing, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     c = Cluster(tmp_path_factory.mktemp("plain"), backing, {"uploads": {"chunksize": "5MB", "maxuploadsize": "64MB"}},
                 name="plain").start()
