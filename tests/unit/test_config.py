@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -229,3 +231,14 @@ def test_a_password_in_redisaddr_becomes_the_masked_redispassword(tmp_path: Path
         load_text(tmp_path, f'[redis]\nredisaddr = "redis://:one@h:1"\nredispassword = "two"\n'
                   f'[security]\nsecret = "{STRONG}"\n')
     assert "one" not in str(caught.value).replace("give it once", "")
+
+
+def test_redis_enabled_without_redis_py_is_a_clear_start_up_error() -> None:
+    """Run where `import redis` fails, as on a host with only the standard library."""
+    code = ("import sys; sys.modules['redis'] = None\n"
+            "from hmacfs.errors import StartupError\n"
+            "from hmacfs.services.redisconn import connect\n"
+            "try:\n    connect('127.0.0.1:6379', 0)\nexcept StartupError as e:\n    print(e)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert "needs the redis package" in done.stdout and "pip install redis" in done.stdout, done
