@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
 from ..storage.blobs import is_blob_file
+from .periodic import run_every
 
 if TYPE_CHECKING:
     from ..catalog import Catalog
@@ -87,8 +88,7 @@ class Janitor:
         self._thread: Optional[threading.Thread] = None
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="janitor", daemon=True)
-        self._thread.start()
+        self._thread = run_every(self.interval, self._pass, "janitor", self._stop, self._wake, "janitor run failed")
 
     def stop(self) -> None:
         self._stop.set()
@@ -99,16 +99,8 @@ class Janitor:
     def wake(self) -> None:
         self._wake.set()
 
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            self._wake.wait(self.interval)
-            self._wake.clear()
-            if self._stop.is_set():
-                return
-            try:
-                self.run_once(shared=self.lease is None or self.lease.acquire())
-            except Exception:
-                log.exception("janitor run failed; trying again in %.0fs", self.interval)
+    def _pass(self) -> None:
+        self.run_once(shared=self.lease is None or self.lease.acquire())
 
     def run_once(self, now: Optional[float] = None, shared: bool = True) -> JanitorRun:
         """One pass; `shared`: also the work on shared state (this node holds the cluster's lease)."""

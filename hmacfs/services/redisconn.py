@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional
 from urllib.parse import unquote, urlsplit
 
 from ..errors import StartupError
+from .periodic import run_every
 
 log = logging.getLogger("hmacfs")
 SOCKET_TIMEOUT = 3.0   # a hung Redis costs a request this long, then a 503
@@ -118,15 +119,10 @@ class RedisHealth:
 
     def start(self) -> None:
         self.check()
-        self._thread = threading.Thread(target=self._run, name="redis-health", daemon=True)
-        self._thread.start()
+        self._thread = run_every(self.interval, self.check, "redis-health", self._stop, failure="redis health check")
 
     def stop(self) -> None:
         self._stop.set()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.check()
 
 
 RENEW_SCRIPT = """

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
 from ..errors import HTTPError
+from .periodic import run_every
 
 log = logging.getLogger("hmacfs")
 
@@ -415,15 +416,9 @@ class WorkerTuner:
             return new
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="worker-tuner", daemon=True)
-        self._thread.start()
+        # a failed step leaves the pool at its size; the server goes on
+        self._thread = run_every(self.interval, self.step, "worker-tuner", self._stop,
+                                 failure="worker auto-adjust failed")
 
     def stop(self) -> None:
         self._stop.set()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.step()
-            except Exception:  # the pool keeps its size; the server goes on
-                log.exception("worker auto-adjust failed")
