@@ -66,7 +66,7 @@ from cluster_setup import (
     wrk,
     wrk_available,
 )
-from lifecycle import BudgetExceeded, aborted, handle_signals, stop_all, write_results
+from lifecycle import BudgetExceeded, aborted, bench_parser, chosen_plan, handle_signals, stop_all, write_results
 from storage import (
     checks_and_notes,
     choose_tmpdir,
@@ -628,17 +628,11 @@ def parse_size(text: str) -> int:
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description="hmacfs: S3 backend vs boto3, two nodes vs one (see bench/README.md)")
-    ap.add_argument("--quick", action="store_true", help="24 MiB, 1 round, 1 s wrk runs, ~15-20 s")
-    ap.add_argument("--rounds", type=int, help="override the number of rounds")
+    ap = bench_parser("hmacfs: S3 backend vs boto3, two nodes vs one (see bench/README.md)",
+                      "24 MiB, 1 round, 1 s wrk runs, ~15-20 s", BENCH / "cluster-results.md",
+                      python_help="interpreter that runs hmacfs (needs redis-py)")
     ap.add_argument("--size", type=parse_size, help="bytes of the S3 transfers (default 1GiB; quick 24MiB)")
     ap.add_argument("--duration", type=float, help="seconds per wrk run (default 4; quick 1)")
-    ap.add_argument("--pyz", type=Path, help="use this zipapp instead of building one from the work tree")
-    ap.add_argument("--python", default=sys.executable, help="interpreter that runs hmacfs (needs redis-py)")
-    ap.add_argument("--tmpdir", type=Path, help="where the data goes (default: /dev/shm when it has room)")
-    ap.add_argument("--no-warm", action="store_true", help="do not warm RAM before each timed upload")
-    ap.add_argument("--context", default="", help="what else ran on the machine (written into the report)")
-    ap.add_argument("--out", type=Path, default=BENCH / "cluster-results.md", help="results file to write")
     return ap.parse_args(argv)
 
 
@@ -655,9 +649,7 @@ def versions(info: dict[str, str], python: str) -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     """Run the benchmark; exit 0 when every sample was valid, 1 when some failed, 2 on abort."""
     args = parse_args(argv)
-    plan = QUICK if args.quick else FULL
-    changes = {k: v for k, v in (("rounds", args.rounds), ("big", args.size), ("duration", args.duration)) if v}
-    plan = Plan(**{**plan.__dict__, **changes, "warm": not args.no_warm})
+    plan = chosen_plan(args, QUICK, FULL, big=args.size, duration=args.duration)
     try:
         import boto3  # noqa: F401 - test-only: the reference client
         import moto  # noqa: F401

@@ -1,4 +1,5 @@
-"""What every benchmark's main() does around its measurements (run.py, storage.py, resumable.py).
+"""What every benchmark's main() does around its measurements (run.py, storage.py, resumable.py,
+scanning.py, cluster.py): shared options and plan, signals, clean-up, the results file.
 
 A run must end within its time budget and leave nothing behind, also on failure, Ctrl-C or a
 SIGTERM/SIGHUP from whoever started it: the signals become exceptions (SystemExit, and
@@ -9,13 +10,40 @@ tails), `stop_all` (in its `finally`) and `write_results` (exit status 0 or 1).
 """
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import signal
 import sys
 import traceback
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import servers
+
+
+def bench_parser(description: str, quick: str, out: Path, what: str = "upload", data: str = "the data goes",
+                 python_help: str = "interpreter that runs hmacfs", context: bool = True) -> argparse.ArgumentParser:
+    """The options the rounds-and-plans benchmarks share (storage, resumable, scanning, cluster);
+    a script adds its own to the parser this returns."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--quick", action="store_true", help=quick)
+    ap.add_argument("--rounds", type=int, help="override the number of rounds")
+    ap.add_argument("--pyz", type=Path, help="use this zipapp instead of building one from the work tree")
+    ap.add_argument("--python", default=sys.executable, help=python_help)
+    ap.add_argument("--tmpdir", type=Path, help=f"where {data} (default: /dev/shm when it has room)")
+    ap.add_argument("--no-warm", action="store_true", help=f"do not warm RAM before each timed {what}")
+    if context:
+        ap.add_argument("--context", default="", help="what else ran on the machine (written into the report)")
+    ap.add_argument("--out", type=Path, default=out, help="results file to write")
+    return ap
+
+
+def chosen_plan(args: argparse.Namespace, quick: Any, full: Any, **changes: Any) -> Any:
+    """The quick or full plan (a dataclass), with --rounds, --no-warm and the script's own changes
+    (None: not given)."""
+    plan = quick if args.quick else full
+    given = {"rounds": args.rounds, **changes}
+    return dataclasses.replace(plan, **{k: v for k, v in given.items() if v}, warm=not args.no_warm)
 
 
 class BudgetExceeded(Exception):

@@ -49,7 +49,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # tests/support/cl
 
 import resumable
 import storage
-from lifecycle import BudgetExceeded, aborted, handle_signals, stop_all, write_results
+from lifecycle import BudgetExceeded, aborted, bench_parser, chosen_plan, handle_signals, stop_all, write_results
 from storage import (
     checks_and_notes,
     choose_tmpdir,
@@ -402,24 +402,14 @@ def report(run: storage.Run, info: dict[str, str], wall: float, loads: tuple[str
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description="hmacfs: PUT with clamd scanning vs without (see bench/README.md)")
-    ap.add_argument("--quick", action="store_true", help="16 MiB, 1 round, ~5-10 s")
-    ap.add_argument("--rounds", type=int, help="override the number of rounds")
-    ap.add_argument("--pyz", type=Path, help="use this zipapp instead of building one from the work tree")
-    ap.add_argument("--python", default=sys.executable, help="interpreter that runs hmacfs")
-    ap.add_argument("--tmpdir", type=Path, help="where the data goes (default: /dev/shm when it has room)")
-    ap.add_argument("--no-warm", action="store_true", help="do not warm RAM before each timed PUT")
-    ap.add_argument("--context", default="", help="what else ran on the machine (written into the report)")
-    ap.add_argument("--out", type=Path, default=BENCH / "scanning-results.md", help="results file to write")
-    return ap.parse_args(argv)
+    return bench_parser("hmacfs: PUT with clamd scanning vs without (see bench/README.md)",
+                        "16 MiB, 1 round, ~5-10 s", BENCH / "scanning-results.md", what="PUT").parse_args(argv)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Run the benchmark; exit 0 when every sample was valid, 1 when some failed, 2 on abort."""
     args = parse_args(argv)
-    plan = QUICK if args.quick else FULL
-    if args.rounds or args.no_warm:
-        plan = Plan(**{**plan.__dict__, "rounds": args.rounds or plan.rounds, "warm": not args.no_warm})
+    plan = chosen_plan(args, QUICK, FULL)
     program = clamd_program()
     if program is None:
         print("bench: clamd not found (Debian: apt-get install clamav-daemon)", file=sys.stderr)

@@ -56,7 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import clients
 import servers
-from lifecycle import BudgetExceeded, aborted, handle_signals, stop_all, write_results
+from lifecycle import BudgetExceeded, aborted, bench_parser, chosen_plan, handle_signals, stop_all, write_results
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -695,24 +695,16 @@ def note_disk(run: Run, tmpdir: Path, root: Path) -> None:
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description="hmacfs: dedup + encryption vs plain storage (see bench/README.md)")
-    ap.add_argument("--quick", action="store_true", help="16 MiB transfers, 1 round, ~10 s")
-    ap.add_argument("--rounds", type=int, help="override the number of interleaved rounds")
-    ap.add_argument("--pyz", type=Path, help="use this zipapp instead of building one from the work tree")
-    ap.add_argument("--python", default=sys.executable, help="interpreter that runs hmacfs")
-    ap.add_argument("--tmpdir", type=Path, help="where sources and data go (default: /dev/shm when it has room)")
-    ap.add_argument("--no-warm", action="store_true",
-                    help="do not warm RAM before each timed PUT (to see this VM's cold-memory effect)")
-    ap.add_argument("--out", type=Path, default=BENCH / "storage-results.md", help="results file to write")
-    return ap.parse_args(argv)
+    return bench_parser("hmacfs: dedup + encryption vs plain storage (see bench/README.md)",
+                        "16 MiB transfers, 1 round, ~10 s", BENCH / "storage-results.md",
+                        what="PUT (to see this VM's cold-memory effect)", data="sources and data go",
+                        context=False).parse_args(argv)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Run the benchmark; exit 0 when every sample was valid, 1 when some failed, 2 on abort."""
     args = parse_args(argv)
-    plan = QUICK if args.quick else FULL
-    if args.rounds or args.no_warm:
-        plan = Plan(**{**plan.__dict__, "rounds": args.rounds or plan.rounds, "warm": not args.no_warm})
+    plan = chosen_plan(args, QUICK, FULL)
     handle_signals(plan.budget)
     started = time.perf_counter()
     load_start = loadavg()
