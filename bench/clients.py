@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import hmac
+import json
 import os
 import re
 import select
@@ -270,3 +271,15 @@ def make_source(path: Path, size: int) -> Path:
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--ceiling-server"]:
     serve_ceiling_forever(Path(sys.argv[2]), int(sys.argv[3]))
+
+
+def wrk_summary(cmd: list[str], duration: float) -> dict:
+    """Run a wrk command whose Lua script prints its summary as one `WRKJSON {...}` line
+    (bench/wrk_get.lua, wrk_put.lua); that summary plus req/s."""
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60, check=False)
+    for line in out.stdout.splitlines():
+        if line.startswith("WRKJSON "):
+            summary = json.loads(line[len("WRKJSON "):])
+            summary["rps"] = summary["requests"] / (summary["duration_us"] / 1e6)
+            return summary
+    raise RuntimeError(f"wrk gave no summary (exit {out.returncode}): {out.stdout[-500:]} {out.stderr[-500:]}")

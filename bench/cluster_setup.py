@@ -12,12 +12,10 @@ by side and rounds can interleave them.
 """
 from __future__ import annotations
 
-import json
 import os
 import resource
 import shutil
 import socket
-import subprocess
 import time
 from pathlib import Path
 from typing import Optional
@@ -94,7 +92,7 @@ NGINX_SITE = """\
 """
 
 
-class Balancer(servers.Server):
+class Balancer(servers.Nginx):
     """Debian nginx (round robin, keep-alive to the upstreams) with one listening port per named
     upstream set; `ports[name]`. Start it after the nodes: readiness is /health through the first."""
 
@@ -105,7 +103,6 @@ class Balancer(servers.Server):
         self.sets = sets
         self.workers = workers
         self.ports: dict[str, int] = {}
-        self.conf = workdir / "nginx.conf"
 
     def configure(self) -> None:
         self.ports = {name: servers.free_port() for name in self.sets}
@@ -116,19 +113,7 @@ class Balancer(servers.Server):
             lines = "".join(f"        server 127.0.0.1:{m.port};\n" for m in members)
             text += NGINX_SITE.format(name=name.replace("-", "_"), members=lines, port=self.ports[name])
         self.conf.write_text(text + "}\n")
-        for sub in ("client_body_temp", "proxy_temp", "fastcgi_temp", "uwsgi_temp", "scgi_temp"):
-            (self.workdir / sub).mkdir(exist_ok=True)
-
-    def command(self) -> list[str]:
-        return ["nginx", "-p", str(self.workdir), "-c", str(self.conf),
-                "-e", str(self.workdir / "error.log"), "-g", "daemon off;"]
-
-    def log_tail(self, n: int = 4000) -> str:
-        try:
-            err = (self.workdir / "error.log").read_text(errors="replace")[-n:]
-        except FileNotFoundError:
-            err = ""
-        return super().log_tail(n) + err
+        self.make_temp_dirs()
 
 
 def tree_cpu_seconds(pid: Optional[int]) -> float:
@@ -162,13 +147,7 @@ def wrk(port: int, target: str, conns: int, duration: float, headers: tuple[str,
     for h in headers:
         cmd += ["-H", h]
     cmd.append(f"http://{clients.HOST}:{port}{target}")
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60, check=False)
-    for line in out.stdout.splitlines():
-        if line.startswith("WRKJSON "):
-            summary = json.loads(line[len("WRKJSON "):])
-            summary["rps"] = summary["requests"] / (summary["duration_us"] / 1e6)
-            return summary
-    raise RuntimeError(f"wrk gave no summary (exit {out.returncode}): {out.stdout[-500:]} {out.stderr[-500:]}")
+    return clients.wrk_summary(cmd, duration)
 
 
 def wrk_available() -> bool:

@@ -18,7 +18,6 @@ import argparse
 import datetime
 import hashlib
 import hmac
-import json
 import os
 import platform
 import shutil
@@ -161,13 +160,7 @@ def run_wrk(url: str, conns: int, duration: int, script: Path, args: list[str]) 
            "--timeout", "10s", "-s", str(script), url]
     if args:
         cmd += ["--", *args]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60, check=False)
-    for line in out.stdout.splitlines():
-        if line.startswith("WRKJSON "):
-            summary = json.loads(line[len("WRKJSON "):])
-            summary["rps"] = summary["requests"] / (summary["duration_us"] / 1e6)
-            return summary
-    raise RuntimeError(f"wrk gave no summary (exit {out.returncode}): {out.stdout[-500:]} {out.stderr[-500:]}")
+    return clients.wrk_summary(cmd, duration)
 
 
 def wrk_problem(summary: dict) -> Optional[str]:

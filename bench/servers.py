@@ -196,6 +196,10 @@ class Nginx(Server):
                            "@PORT@": str(self.port), "@SINK_PORT@": str(self.sink_port)}.items():
             text = text.replace(key, value)
         self.conf.write_text(text)
+        self.make_temp_dirs()
+
+    def make_temp_dirs(self) -> None:
+        """The temp paths nginx wants below its prefix (it runs unprivileged in the run's dir)."""
         for sub in ("client_body_temp", "proxy_temp", "fastcgi_temp", "uwsgi_temp", "scgi_temp"):
             (self.workdir / sub).mkdir(exist_ok=True)
 
