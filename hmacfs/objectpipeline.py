@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 from .meta import FileRecord, MetaStore
 from .meta.record import VersionRecord
-from .pipeline import BodySource, PathLocks, Received, Scan, Upload, _Sink
+from .pipeline import BodySource, PathLocks, Received, Scan, Upload, _Sink, pump
 from .storage.blobs import blob_key
 from .storage.local import PathConflict
 from .storage.objects import ObjectBlobs, ObjectStore, WriterFile, delete_released, release_object, unavailable
@@ -64,23 +64,14 @@ class ObjectPipeline:
         the virus scan). On any failure the object (or its multipart upload) is removed."""
         key = self.objects.new_key()
         digest = hashlib.sha256()
-        size = 0
         try:
             writer = self.objects.writer(key)
         except (S3Error, OSError) as e:
             raise unavailable(e) from None
         sink = _Sink(WriterFile(writer), self.keyring, self.segment_size)
         try:
-            while True:
-                n = body.readinto(buf)  # the client's failures propagate as they are
-                if not n:
-                    break
-                chunk = buf[:n]
-                digest.update(chunk)
-                if scan is not None:
-                    scan.feed(chunk)
-                size += n
-                _to_store(sink.write, chunk)
+            # the client's failures propagate as they are; the bucket's are a 503
+            size = pump(body, buf, digest, scan, lambda chunk: _to_store(sink.write, chunk))
             _to_store(sink.finish)
             _to_store(writer.finish)
         except BaseException:

@@ -103,6 +103,25 @@ class _Sink:
             self.writer.abort()
 
 
+def pump(body: BodySource, buf: memoryview, digest, scan: Optional[Scan], write: Callable[[memoryview], None],
+         progress: Optional[Callable[[int], None]] = None) -> int:
+    """Move `body` through `buf` chunk by chunk: hashed, handed to the virus scan (when there
+    is one), then written; `progress(bytes so far)` after each chunk. Returns the byte count."""
+    size = 0
+    while True:
+        n = body.readinto(buf)
+        if not n:
+            return size
+        chunk = buf[:n]
+        digest.update(chunk)  # releases the GIL for large buffers
+        if scan is not None:
+            scan.feed(chunk)
+        write(chunk)
+        size += n
+        if progress is not None:
+            progress(size)
+
+
 class PathLocks:
     """One lock per path while anyone holds or waits for it (a count, not `locked()`): commits
     and removals of one path take turns (versioned writes each keep the one before)."""
@@ -170,27 +189,21 @@ class UploadPipeline:
         store = self.store
         f, temp_path = store.new_temp()
         digest = hashlib.sha256()
-        size = 0
         next_check = SPACE_CHECK_BYTES
+
+        def check_space(size: int) -> None:
+            nonlocal next_check
+            if size >= next_check:
+                next_check = size + SPACE_CHECK_BYTES
+                to_come = expected - size if expected is not None else 0
+                if store.free_bytes() - to_come < reserve:
+                    raise storage_full()
+
         try:
             with f:
                 sink = _Sink(f, self.keyring, self.segment_size)
                 try:
-                    while True:
-                        n = body.readinto(buf)
-                        if not n:
-                            break
-                        chunk = buf[:n]
-                        digest.update(chunk)  # releases the GIL for large buffers
-                        if scan is not None:
-                            scan.feed(chunk)
-                        sink.write(chunk)
-                        size += n
-                        if size >= next_check:
-                            next_check = size + SPACE_CHECK_BYTES
-                            to_come = expected - size if expected is not None else 0
-                            if store.free_bytes() - to_come < reserve:
-                                raise storage_full()
+                    size = pump(body, buf, digest, scan, sink.write, check_space)
                     sink.finish()
                 except BaseException:
                     sink.abort()  # before the file closes: a segment may still be being written
