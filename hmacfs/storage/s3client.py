@@ -20,7 +20,7 @@ import http.client
 import re
 import ssl
 import threading
-from typing import IO, Iterator, Mapping, Optional, Union
+from typing import IO, Any, Callable, Iterator, Mapping, Optional, TypeVar, Union
 from urllib.parse import urlsplit
 
 from . import s3xml, sigv4
@@ -36,6 +36,7 @@ _POOL_SIZE = 8
 _CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken", "AccessDenied",
                      "Forbidden"}  # Forbidden: a 403 without a body (HEAD), most often the credentials
 _HEX64 = re.compile(r"\b[0-9a-f]{64}\b")
+T = TypeVar("T")
 Body = Union[bytes, bytearray, memoryview, IO[bytes]]
 
 
@@ -68,7 +69,7 @@ class S3Object:
         self._client, self._conn, self._response = client, conn, response
         self.status = response.status
         self.headers = {k.lower(): v for k, v in response.getheaders()}
-        self.content_length = int(self.headers.get("content-length", "0"))
+        self.content_length = client._read(s3xml.length, self.headers.get("content-length", "0"), "GetObject", None)
         self.size = self.content_length
         span = self.headers.get("content-range", "")
         if self.status == 206 and "/" in span and span.rsplit("/", 1)[1].strip().isdigit():
@@ -172,6 +173,14 @@ class S3Client:
             return self._prefix or "/"
         return f"{self._prefix}/{sigv4.uri_encode(key, keep_slash=True)}"
 
+    def _read(self, parse: Callable[[Any], T], raw: Any, operation: str, key: Optional[str]) -> T:
+        """`parse(raw)`, an answer read; one no S3 server should give is an S3Error (502), never a
+        ValueError or an XML ParseError that the layers above would not expect."""
+        try:
+            return parse(raw)
+        except s3xml.MalformedReply as e:
+            raise self._error(502, "MalformedReply", str(e), operation, key) from None
+
     def _error(self, status: int, code: str, message: str, operation: str, key: Optional[str]) -> S3Error:
         secret = self.settings.secret_key
         if secret and secret in message:
@@ -248,7 +257,11 @@ class S3Client:
                 message += f" (the bucket is in region {region}, not {self.settings.region})"
             raise self._error(response.status, code, message, operation, key)
         if stream:
-            return S3Object(self, conn, response)
+            try:
+                return S3Object(self, conn, response)
+            except S3Error:  # an unreadable Content-Length: this connection cannot be reused
+                conn.close()
+                raise
         raw = response.read()
         resp_headers = {k.lower(): v for k, v in response.getheaders()}
         if response.will_close:
@@ -300,7 +313,7 @@ class S3Client:
     def create_multipart(self, key: str, content_type: Optional[str] = None) -> str:
         headers = {"Content-Type": content_type} if content_type else {}
         _, _, raw = self._request("POST", key, "CreateMultipartUpload", query=[("uploads", "")], headers=headers)
-        return s3xml.parse_upload_id(raw)
+        return self._read(s3xml.parse_upload_id, raw, "CreateMultipartUpload", key)
 
     def upload_part(self, key: str, upload_id: str, number: int, data: Union[bytes, bytearray, memoryview]) -> str:
         query = [("partNumber", str(number)), ("uploadId", upload_id)]
@@ -311,7 +324,7 @@ class S3Client:
         body = s3xml.complete_body(parts)
         _, _, raw = self._request("POST", key, "CompleteMultipartUpload", query=[("uploadId", upload_id)], body=body)
         self._check_body_error(raw, "CompleteMultipartUpload", key)
-        return s3xml.parse_etag_result(raw)
+        return self._read(s3xml.parse_etag_result, raw, "CompleteMultipartUpload", key)
 
     def abort_multipart(self, key: str, upload_id: str) -> None:
         """Abort; an upload already gone (NoSuchUpload) counts as aborted."""
@@ -330,7 +343,7 @@ class S3Client:
             if markers:
                 query += [("key-marker", markers[0]), ("upload-id-marker", markers[1])]
             _, _, raw = self._request("GET", None, "ListMultipartUploads", query=query)
-            uploads, markers = s3xml.parse_list_uploads(raw)
+            uploads, markers = self._read(s3xml.parse_list_uploads, raw, "ListMultipartUploads", None)
             found.extend(uploads)
             if not markers:
                 return found
@@ -343,7 +356,8 @@ class S3Client:
             if exc.status == 404:
                 return None
             raise
-        return ObjectInfo(key=key, size=int(resp.get("content-length", "0")), etag=resp.get("etag", ""),
+        size = self._read(s3xml.length, resp.get("content-length", "0"), "HeadObject", key)
+        return ObjectInfo(key=key, size=size, etag=resp.get("etag", ""),
                           last_modified=s3xml.http_time(resp.get("last-modified", "")),
                           content_type=resp.get("content-type"))
 
@@ -370,7 +384,7 @@ class S3Client:
         if info.size <= max_single:
             _, _, raw = self._request("PUT", dst_key, "CopyObject", headers={"x-amz-copy-source": source})
             self._check_body_error(raw, "CopyObject", dst_key)
-            return s3xml.parse_etag_result(raw)
+            return self._read(s3xml.parse_etag_result, raw, "CopyObject", dst_key)
         upload_id = self.create_multipart(dst_key, info.content_type)
         try:
             parts = []
@@ -380,7 +394,7 @@ class S3Client:
                 headers = {"x-amz-copy-source": source, "x-amz-copy-source-range": f"bytes={offset}-{last}"}
                 _, _, raw = self._request("PUT", dst_key, "UploadPartCopy", query=query, headers=headers)
                 self._check_body_error(raw, "UploadPartCopy", dst_key)
-                parts.append((number, s3xml.parse_etag_result(raw)))
+                parts.append((number, self._read(s3xml.parse_etag_result, raw, "UploadPartCopy", dst_key)))
             return self.complete_multipart(dst_key, upload_id, parts)
         except BaseException:
             self.abort_multipart(dst_key, upload_id)
@@ -397,7 +411,7 @@ class S3Client:
             elif start_after:
                 query.append(("start-after", start_after))
             _, _, raw = self._request("GET", None, "ListObjectsV2", query=query)
-            objects, token = s3xml.parse_list_objects(raw)
+            objects, token = self._read(s3xml.parse_list_objects, raw, "ListObjectsV2", None)
             yield from objects
             if not token:
                 return

@@ -52,15 +52,34 @@ def _children(element: ET.Element, name: str) -> Iterable[ET.Element]:
     return (child for child in element if _local(child.tag) == name)
 
 
+class MalformedReply(ValueError):
+    """An answer no S3 server should give: not XML, or a field that is not a number or a date.
+    The client turns it into an S3Error (502) naming the operation."""
+
+
 def _root(body: bytes) -> ET.Element:
-    return ET.fromstring(body)  # noqa: S314 - see the module docstring
+    try:
+        return ET.fromstring(body)  # noqa: S314 - see the module docstring
+    except ET.ParseError as e:
+        raise MalformedReply(f"the answer is not XML ({e})") from None
+
+
+def length(text: str) -> int:
+    """A byte count from a header or an XML field: ASCII digits only, bounded."""
+    text = text.strip()
+    if not (text.isascii() and text.isdigit()) or len(text) > 19:
+        raise MalformedReply(f"{text[:40]!r} is not a byte count")
+    return int(text)
 
 
 def iso_time(text: str) -> float:
     """`2009-10-12T17:50:30.000Z` (listings) -> Unix time."""
-    text = text.strip().rstrip("Z")
-    when = datetime.datetime.strptime(text.split(".")[0], "%Y-%m-%dT%H:%M:%S")
-    fraction = float("0." + text.split(".")[1]) if "." in text else 0.0
+    raw, text = text, text.strip().rstrip("Z")
+    try:
+        when = datetime.datetime.strptime(text.split(".")[0], "%Y-%m-%dT%H:%M:%S")
+        fraction = float("0." + text.split(".")[1]) if "." in text else 0.0
+    except ValueError:
+        raise MalformedReply(f"{raw[:40]!r} is not a date") from None
     return calendar.timegm(when.timetuple()) + fraction
 
 
@@ -78,7 +97,7 @@ def parse_error(body: bytes) -> Optional[tuple[str, str]]:
     sign, which must not travel into logs."""
     try:
         root = _root(body)
-    except ET.ParseError:
+    except MalformedReply:
         return None
     if _local(root.tag) != "Error":
         return None
@@ -89,7 +108,7 @@ def parse_upload_id(body: bytes) -> str:
     """`InitiateMultipartUploadResult` -> UploadId."""
     upload_id = _text(_root(body), "UploadId")
     if not upload_id:
-        raise ValueError("InitiateMultipartUploadResult without an UploadId")
+        raise MalformedReply("InitiateMultipartUploadResult without an UploadId")
     return upload_id
 
 
@@ -107,7 +126,7 @@ def parse_list_objects(body: bytes) -> tuple[list[ObjectInfo], Optional[str]]:
     objects = [
         ObjectInfo(
             key=decode(_text(item, "Key")),
-            size=int(_text(item, "Size", "0") or 0),
+            size=length(_text(item, "Size", "0") or "0"),
             etag=_text(item, "ETag"),
             last_modified=iso_time(_text(item, "LastModified")) if _child(item, "LastModified") is not None else 0.0,
         )

@@ -500,3 +500,33 @@ def test_writer_reassembles_any_write_pattern(sizes, concurrency):
         assert b"".join(client.parts[n] for n in sorted(client.parts)) == data
         assert all(len(client.parts[n]) == 5 * MIB for n in sorted(client.parts)[:-1])
         assert [n for n, _ in client.completed[0]] == sorted(client.parts)
+
+
+@given(st.binary(max_size=300) | st.sampled_from([
+    b"<ListBucketResult><Contents><Key>k</Key><Size>-1</Size></Contents></ListBucketResult>",
+    b"<ListBucketResult><Contents><Key>k</Key><Size>1e9</Size><LastModified>yesterday</LastModified>"
+    b"</Contents></ListBucketResult>",
+    b"<ListMultipartUploadsResult><Upload><Key>k</Key><UploadId>u</UploadId><Initiated>soon</Initiated>"
+    b"</Upload></ListMultipartUploadsResult>",
+    b"<InitiateMultipartUploadResult></InitiateMultipartUploadResult>", b"<a>", b"\x00"]))
+def test_any_answer_parses_or_is_a_malformed_reply(body: bytes) -> None:
+    """What the S3 server sends is read or refused as MalformedReply: never another exception."""
+    for parse in (s3xml.parse_list_objects, s3xml.parse_list_uploads, s3xml.parse_upload_id,
+                  s3xml.parse_etag_result, s3xml.parse_error):
+        try:
+            parse(body)
+        except s3xml.MalformedReply:
+            pass
+
+
+@pytest.mark.parametrize(("answer", "call"), [
+    (Response(200, b"<ListBucketResult><Contents><Key>k</Key><Size>x</Size>"), lambda c: list(c.list_objects())),
+    (Response(200, b"not xml at all"), lambda c: c.create_multipart("k")),
+    (Response(200, headers={"content-length": "lots"}), lambda c: c.head_object("k")),
+    (Response(200, b"", headers={"content-length": "-5"}), lambda c: c.get_object("k")),
+])
+def test_a_malformed_answer_is_a_502_s3_error_naming_the_operation(answer, call) -> None:
+    client, _ = scripted([answer])
+    with pytest.raises(S3Error) as caught:
+        call(client)
+    assert caught.value.status == 502 and caught.value.code == "MalformedReply", caught.value
