@@ -18,8 +18,7 @@ import time
 from typing import TYPE_CHECKING, Callable, Optional
 
 from .meta import FileRecord, MetaStore
-from .meta.record import VersionRecord
-from .pipeline import BodySource, PathLocks, Received, Scan, Upload, _Sink, pump
+from .pipeline import BodySource, PathLocks, Received, Scan, Upload, _Sink, as_version, kept_number, pump
 from .storage.blobs import blob_key
 from .storage.local import PathConflict
 from .storage.objects import ObjectBlobs, ObjectStore, WriterFile, delete_released, release_object, unavailable
@@ -127,7 +126,7 @@ class ObjectPipeline:
             current = self.meta.get(path)
             if current is not None and self.keep_versions is None:
                 raise PathConflict(path)
-            kept = _as_version(current, self._next_number(current)) if current is not None else None
+            kept = as_version(current, kept_number(self.meta, current)) if current is not None else None
             key = received.object_key
             if self.blobs is not None and blob is not None:
                 key = self.blobs.acquire(blob, received.size, received.object_key or "")
@@ -145,17 +144,6 @@ class ObjectPipeline:
             elif not self.meta.put_new(record):
                 raise PathConflict(path)
         return record
-
-    def _next_number(self, current: FileRecord) -> int:
-        kept = [v.version for v in self.meta.versions(current.path)]
-        return max(current.version, max(kept) + 1) if kept else current.version
-
-
-def _as_version(current: FileRecord, number: int) -> VersionRecord:
-    """The current file kept as a version: the same object, now named by a version row."""
-    return VersionRecord(path=current.path, version=number, size=current.size, content_type=current.content_type,
-                         sha256=current.sha256, created=current.created, uploader=current.uploader,
-                         blob=current.blob, encrypted=current.encrypted, object_key=current.object_key)
 
 
 def _to_store(step: Callable, *args) -> None:

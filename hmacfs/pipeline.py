@@ -307,12 +307,6 @@ class UploadPipeline:
             raise
         return record
 
-    def _current_number(self, current: FileRecord) -> int:
-        """The number the current content is kept under: its row's, unless kept versions already
-        use it (a row rebuilt by reindex says 1 while versions 1..n are kept): then one past them."""
-        kept = [v.version for v in self.meta.versions(current.path)]
-        return max(current.version, max(kept) + 1) if kept else current.version
-
     def _place(self, source: str, path: str, replace_existing: bool, ref: bool) -> bool:
         """Make `source` visible at `path`; returns True when it became a metadata `ref` instead
         (a blob that cannot be hard-linked there)."""
@@ -355,7 +349,7 @@ class UploadPipeline:
 
     def _keep_current(self, current: FileRecord) -> VersionRecord:
         """Hard-link the current file under the versions directory before it is replaced."""
-        number = self._current_number(current)
+        number = kept_number(self.meta, current)
         location = None
         if not current.ref:
             location = version_location(current.path, number)
@@ -366,10 +360,7 @@ class UploadPipeline:
             except FileNotFoundError:
                 pass
             self.store.link_out(current.path, dest)
-        return VersionRecord(path=current.path, version=number, size=current.size,
-                             content_type=current.content_type, sha256=current.sha256, created=current.created,
-                             uploader=current.uploader, blob=current.blob, location=location,
-                             encrypted=current.encrypted)
+        return as_version(current, number, location)
 
     def _restore(self, current: Optional[FileRecord], kept: VersionRecord) -> None:
         """Put the kept version back at its path after a failed replacement."""
@@ -387,6 +378,22 @@ class UploadPipeline:
         with self.meta.transaction():
             for gone in self.meta.drop_versions(path, self.keep_versions or 0):
                 remove_version_bytes(self.store, self.blobs, gone)
+
+
+def kept_number(meta: MetaStore, current: FileRecord) -> int:
+    """The number the current content is kept under: its row's, unless kept versions already
+    use it (a row rebuilt by reindex says 1 while versions 1..n are kept): then one past them."""
+    kept = [v.version for v in meta.versions(current.path)]
+    return max(current.version, max(kept) + 1) if kept else current.version
+
+
+def as_version(current: FileRecord, number: int, location: Optional[str] = None) -> VersionRecord:
+    """The current file's row kept as version `number`: its bytes stay where they are (its blob,
+    its object) or were moved to `location` below the versions directory."""
+    return VersionRecord(path=current.path, version=number, size=current.size, content_type=current.content_type,
+                         sha256=current.sha256, created=current.created, uploader=current.uploader,
+                         blob=current.blob, location=location, encrypted=current.encrypted,
+                         object_key=current.object_key)
 
 
 def version_location(path: str, version: int) -> str:
