@@ -21,8 +21,7 @@ from .meta import FileRecord, MetaStore
 from .pipeline import BodySource, PathLocks, Received, Scan, Upload, _Sink, as_version, kept_number, pump
 from .storage.blobs import blob_key
 from .storage.local import PathConflict
-from .storage.objects import ObjectBlobs, ObjectStore, WriterFile, delete_released, release_object, unavailable
-from .storage.s3client import S3Error
+from .storage.objects import ObjectBlobs, ObjectStore, WriterFile, bucket_failures, delete_released, release_object
 
 if TYPE_CHECKING:
     from .storage.encrypted import Keyring
@@ -63,10 +62,8 @@ class ObjectPipeline:
         the virus scan). On any failure the object (or its multipart upload) is removed."""
         key = self.objects.new_key()
         digest = hashlib.sha256()
-        try:
+        with bucket_failures():
             writer = self.objects.writer(key)
-        except (S3Error, OSError) as e:
-            raise unavailable(e) from None
         sink = _Sink(WriterFile(writer), self.keyring, self.segment_size)
         try:
             # the client's failures propagate as they are; the bucket's are a 503
@@ -148,10 +145,8 @@ class ObjectPipeline:
 
 def _to_store(step: Callable, *args) -> None:
     """A step that talks to the bucket: its failure is the store's (503), not the client's."""
-    try:
+    with bucket_failures():
         step(*args)
-    except (S3Error, OSError) as e:
-        raise unavailable(e) from None
 
 
 def _abort_quietly(writer, key: str) -> None:

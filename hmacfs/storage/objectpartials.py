@@ -26,7 +26,7 @@ import time
 from typing import TYPE_CHECKING, Iterator, Optional
 
 from ..errors import HTTPError
-from .objects import PARTIAL_PREFIX, ObjectRange, ObjectStore, WriterFile, unavailable
+from .objects import PARTIAL_PREFIX, ObjectRange, ObjectStore, WriterFile, bucket_failures, unavailable
 from .partials import UPLOAD_ID, PartialCorrupt
 from .s3client import S3Error
 
@@ -48,10 +48,8 @@ class ObjectChunkWriter:
         self.objects = objects
         self.key = key
         self.start = self.offset = start
-        try:
+        with bucket_failures():
             self._writer = objects.writer(key)
-        except (S3Error, OSError) as e:
-            raise unavailable(e) from None
         self._sealer = None
         if keyring is not None:
             from .encrypted import SegmentWriter
@@ -61,10 +59,8 @@ class ObjectChunkWriter:
         self.allowed = lambda: True  # the engine's check that it still holds the upload (fencing)
 
     def write(self, chunk: memoryview) -> None:
-        try:
+        with bucket_failures():
             (self._sealer or self._writer).write(chunk)
-        except (S3Error, OSError) as e:
-            raise unavailable(e) from None
         self.offset += len(chunk)
 
     def cut(self, offset: int) -> None:
@@ -130,7 +126,7 @@ class ObjectPartials:
         """(start, plaintext size, key, stored size) of the upload's chunks, in order (503 when
         the bucket cannot be listed; PartialCorrupt for a sealed chunk of an impossible size)."""
         found = []
-        try:
+        with bucket_failures():
             for info in self.objects.client.list_objects(f"{self.objects.prefix}{PARTIAL_PREFIX}{upload_id}."):
                 match = _CHUNK.fullmatch(info.key[len(self.objects.prefix):])
                 if match and match.group(1) == upload_id:
@@ -138,18 +134,14 @@ class ObjectPartials:
                     if match.group(3):
                         size = _plaintext_size(info.key, info.size)
                     found.append((int(match.group(2)), size, info.key, info.size))
-        except (S3Error, OSError) as e:
-            raise unavailable(e) from None
         return sorted(found)
 
     def is_sealed(self, upload_id: str) -> bool:
         return False
 
     def create(self, upload_id: str) -> None:
-        try:
+        with bucket_failures():
             self.objects.client.put_object(self._key(upload_id, 0), b"", 0)
-        except (S3Error, OSError) as e:
-            raise unavailable(e) from None
 
     def _chain(self, upload_id: str) -> Optional[list[tuple[int, int, str, int]]]:
         """The chunks that make the upload's bytes: the chain from offset 0 that reaches

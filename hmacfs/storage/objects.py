@@ -15,7 +15,8 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from typing import Callable, Generator, Optional
+from contextlib import contextmanager
+from typing import Callable, Generator, Iterator, Optional
 
 from ..errors import HTTPError
 from ..meta import MetaStore
@@ -29,6 +30,15 @@ READ_BLOCK = 256 * 1024  # bytes per read of an object's body on its way to the 
 OBJECT_PREFIX = "object."    # one per upload: object.<128 random bits in hex>
 BLOB_PREFIX = "blob."        # deduplication: one per distinct content, blob.<blob key>
 PARTIAL_PREFIX = "partial."  # unfinished resumable uploads (storage/objectpartials.py)
+
+
+@contextmanager
+def bucket_failures() -> Iterator[None]:
+    """Calls to the bucket inside: S3 refusing us, or not answering, is a 503 (`unavailable`)."""
+    try:
+        yield
+    except (S3Error, OSError) as e:
+        raise unavailable(e) from None
 
 
 def unavailable(error: Exception) -> HTTPError:
@@ -94,10 +104,8 @@ class ObjectStore:
 
     def random_access(self, key: str) -> ObjectRange:
         """The object read at any offset (an encrypted file's segments: storage/encrypted.py)."""
-        try:
+        with bucket_failures():
             info = self.client.head_object(key)
-        except (S3Error, OSError) as e:
-            raise unavailable(e) from None
         if info is None:
             log.error("object storage: %s is missing (its metadata row is kept)", key)
             raise HTTPError(500, "the stored bytes of this file are missing")
@@ -187,12 +195,10 @@ class ObjectBlobs:
     def prepare(self, source_key: str, blob: str) -> bool:
         """Outside the transaction: the blob's object exists afterwards; True when this call copied it."""
         key = self.key(blob)
-        try:
+        with bucket_failures():
             if self.objects.client.head_object(key) is not None:
                 return False
             self.objects.client.copy_object(source_key, key)
-        except (S3Error, OSError) as e:
-            raise unavailable(e) from None
         return True
 
     def acquire(self, blob: str, size: int, source_key: str) -> str:
@@ -201,11 +207,9 @@ class ObjectBlobs:
         deleted it (the upload's own object, its source, still exists)."""
         key = self.key(blob)
         if self.meta.blob_acquire(blob, size) == 1:
-            try:
+            with bucket_failures():
                 if self.objects.client.head_object(key) is None:
                     self.objects.client.copy_object(source_key, key)
-            except (S3Error, OSError) as e:
-                raise unavailable(e) from None
         return key
 
     def release(self, blob: str) -> Optional[str]:
