@@ -51,6 +51,8 @@ def test_every_json_line_parses_with_its_fields(hmacfs_factory) -> None:
     assert request(srv.port, "PUT", url_path(srv.prefix, name) + "?v=00", b"x").status == 403
     srv.proc.send_signal(signal.SIGHUP)  # a reopen and a reload log lines of their own
     wait_for(lambda: read(log_file).count('"status": 403') >= 2, "the access lines")
+    # the main loop takes the SIGHUP at its next turn: a SIGTERM sent before that would win
+    wait_for(lambda: "log file reopened (SIGHUP)" in read(log_file), "the reopen line")
     assert srv.stop() == 0
     lines = read(log_file).splitlines()
     records = [json.loads(line) for line in lines]  # every line, or this raises
